@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Stage 01: record random-policy rollouts of the real env.
+
+    python 01_generate_rollouts.py --config configs/carracing_vae.yaml
+
+Writes <run_dir>/rollouts/episode_NNNNN.npz (one per episode, written
+atomically; see utils/rollout.py for the arrays) and manifest.json. Episode i
+uses env seed utils.seeding.env_seed(seed, "rollouts", i). Rerunning skips the
+episodes already on disk, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
+from utils.config import config_to_dict
+from utils.io import episode_path, list_episodes, write_manifest
+from utils.parallel import WorkerPool
+from utils.rollout import init_rollout_worker, rollout_task
+from utils.seeding import env_seed
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_parser(__doc__.splitlines()[1]).parse_args(argv)
+    cfg = load_stage_config(args)
+    out_dir = stage_dir(cfg, "rollouts")
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.perf_counter()
+
+    todo = [i for i in range(cfg.rollouts.episodes) if not os.path.exists(episode_path(out_dir, i))]
+    skipped = cfg.rollouts.episodes - len(todo)
+    print(f"[01] {cfg.env.id}: {len(todo)} episodes to record, {skipped} already in {out_dir}")
+    stats = []
+    if todo:
+        tasks = [(i, env_seed(cfg.seed, "rollouts", i)) for i in todo]
+        with WorkerPool(cfg.rollouts.workers, init_rollout_worker, (cfg.env, cfg.rollouts, out_dir), rollout_task) as pool:
+            stats = pool.map(tasks, progress="01 rollouts")
+    wall = time.perf_counter() - start
+    steps = sum(s["steps"] for s in stats)
+    returns = [s["return"] for s in stats]
+    metrics = {
+        "episodes_on_disk": len(list_episodes(out_dir)),
+        "episodes_recorded": len(stats),
+        "steps_recorded": steps,
+        "steps_per_s": steps / wall if stats else None,
+        "random_return_mean": float(np.mean(returns)) if returns else None,
+        "random_return_std": float(np.std(returns)) if returns else None,
+    }
+    write_manifest(out_dir, "01_generate_rollouts", config_to_dict(cfg), {}, wall, metrics)
+    if stats:
+        tqdm.write(
+            f"[01] recorded {len(stats)} episodes, {steps} steps in {wall:.1f} s "
+            f"({steps / wall:.0f} steps/s); random-policy return {np.mean(returns):.1f} +- {np.std(returns):.1f}"
+        )
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Stage 02: train the vision model V (vision.kind: vae) on the rollout frames.
+
+    python 02_train_nvae.py --config configs/carracing_vae.yaml
+
+Reads <run_dir>/rollouts/, holds out episodes (vision.holdout_fraction, split
+by episode), and writes <run_dir>/vision/: best.pt (lowest held-out loss, the
+V that later stages use), latest.pt (to resume: rerun the same command),
+train_log.jsonl (ELBO terms per epoch) and manifest.json.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
+from utils.config import config_to_dict
+from utils.data import split_episodes
+from utils.errors import UserError
+from utils.io import check_episodes, list_episodes, write_manifest
+from utils.seeding import seed_everything
+from utils.training import train_vision
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_parser(__doc__.splitlines()[1]).parse_args(argv)
+    cfg = load_stage_config(args)
+    seed_everything(cfg.seed)
+    rollouts, out_dir = stage_dir(cfg, "rollouts"), stage_dir(cfg, "vision")
+    files = list_episodes(rollouts)
+    check_episodes(files, ("actions",))
+    train, held = split_episodes(files, cfg.vision.holdout_fraction, cfg.seed)
+    if not held:
+        raise UserError(f"{rollouts}: need at least 2 episodes to hold one out (found {len(files)})")
+    print(f"[02] {cfg.vision.kind} z={cfg.vision.z_dim}: {len(train)} training / {len(held)} held-out episodes")
+    start = time.perf_counter()
+    history = train_vision(cfg, train, held, out_dir)
+    best = min(history, key=lambda r: r["val_loss"])
+    write_manifest(
+        out_dir,
+        "02_train_nvae",
+        config_to_dict(cfg),
+        {"rollouts": os.path.abspath(rollouts), "train_episodes": len(train), "held_out_episodes": len(held)},
+        time.perf_counter() - start,
+        {"epochs": len(history), "best_epoch": best["epoch"], **{k: v for k, v in best.items() if k.startswith("val_")}},
+    )
+    print(f"[02] best held-out epoch {best['epoch']}: neg_elbo {best['val_neg_elbo']:.1f} nats, mse {best['val_mse']:.5f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Stage 04: train the MDN-RNN M on sequences of latents.
+
+    python 04_train_mdnrnn.py --config configs/carracing_vae.yaml
+
+Reads <run_dir>/latents/ (z_dim and action_dim come from its manifest),
+trains on windows of z sampled from each frame's mu and logvar, and writes
+<run_dir>/mdnrnn/: best.pt (lowest held-out loss), latest.pt (resume by
+rerunning), train_log.jsonl (held-out NLL per epoch) and manifest.json.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
+from utils.config import config_to_dict
+from utils.data import LATENT_KEYS, split_episodes
+from utils.errors import UserError
+from utils.io import check_episodes, list_episodes, read_manifest, write_manifest
+from utils.seeding import seed_everything
+from utils.training import train_mdnrnn
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_parser(__doc__.splitlines()[1]).parse_args(argv)
+    cfg = load_stage_config(args)
+    seed_everything(cfg.seed)
+    latents, out_dir = stage_dir(cfg, "latents"), stage_dir(cfg, "mdnrnn")
+    files = list_episodes(latents, "latents")
+    check_episodes(files, LATENT_KEYS[2:])
+    sizes = read_manifest(latents)["metrics"]
+    train, held = split_episodes(files, cfg.mdnrnn.holdout_fraction, cfg.seed)
+    if not held:
+        raise UserError(f"{latents}: need at least 2 episodes to hold one out (found {len(files)})")
+    print(f"[04] MDN-RNN z={sizes['z_dim']} a={sizes['action_dim']}: {len(train)} training / {len(held)} held-out episodes")
+    start = time.perf_counter()
+    history = train_mdnrnn(cfg, train, held, sizes["z_dim"], sizes["action_dim"], out_dir)
+    best = min(history, key=lambda r: r["val_loss"])
+    write_manifest(
+        out_dir,
+        "04_train_mdnrnn",
+        config_to_dict(cfg),
+        {"latents": os.path.abspath(latents), "train_episodes": len(train), "held_out_episodes": len(held)},
+        time.perf_counter() - start,
+        {"epochs": len(history), "best_epoch": best["epoch"], **{k: v for k, v in best.items() if k.startswith("val_")}},
+    )
+    print(f"[04] best held-out epoch {best['epoch']}: nll {best['val_nll']:.4f} nats/dim, reward mse {best['val_reward_mse']:.4f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

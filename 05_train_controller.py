@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Stage 05: train the linear controller C with CMA-ES in the real env.
+
+    python 05_train_controller.py --config configs/carracing_vae.yaml [--overwrite]
+
+Reads V (<run_dir>/vision/best.pt) and M (<run_dir>/mdnrnn/best.pt), runs
+CMA-ES with a pool of worker processes that each hold an env plus V and M, and
+writes <run_dir>/controller/: controller.pt, history.csv, learning_curve.png,
+cmaes_state.pkl and manifest.json. A killed run resumes where it stopped when
+the same command is run again; --overwrite starts over.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from models import load_world_model
+from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
+from utils.cmaes_trainer import ControllerTrainer
+from utils.config import config_to_dict
+from utils.envs import make_env
+from utils.io import write_manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[1])
+    parser.add_argument("--vision", help="vision checkpoint (default: <run_dir>/vision/best.pt)")
+    parser.add_argument("--mdnrnn", help="MDN-RNN checkpoint (default: <run_dir>/mdnrnn/best.pt)")
+    parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    args = parser.parse_args(argv)
+    cfg = load_stage_config(args)
+    vision_path = args.vision or os.path.join(stage_dir(cfg, "vision"), "best.pt")
+    mdnrnn_path = args.mdnrnn or os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt")
+    vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
+    env = make_env(cfg.env)
+    out_dir = stage_dir(cfg, "controller")
+    os.makedirs(out_dir, exist_ok=True)
+    trainer = ControllerTrainer(
+        cfg, vision_path, mdnrnn_path, vision.z_dim + mdnrnn.hidden, env.action_space.low, env.action_space.high, out_dir
+    )
+    env.close()
+    cc = cfg.controller
+    print(f"[05] CMA-ES: {trainer.controller.num_params} parameters, population {cc.popsize} x "
+          f"{cc.rollouts_per_candidate} rollouts, {cc.generations} generations, {cc.workers} workers")
+    start = time.perf_counter()
+    state = trainer.run(overwrite=args.overwrite)
+    history, best = state["history"], state["best"]
+    steps = sum(r["env_steps"] for r in history)
+    write_manifest(
+        out_dir,
+        "05_train_controller",
+        config_to_dict(cfg),
+        {"vision": os.path.abspath(vision_path), "mdnrnn": os.path.abspath(mdnrnn_path)},
+        time.perf_counter() - start,
+        {
+            "generations": state["generation"],
+            "env_steps": steps,
+            "env_steps_per_s": steps / max(1e-9, sum(r["seconds"] for r in history)),
+            "best_generation": best and best["generation"],
+            "best_heldout_mean": best and best["heldout_mean"],
+            "best_heldout_std": best and best["heldout_std"],
+            "worker_restarts": history[-1]["worker_restarts"] if history else 0,
+        },
+    )
+    if best:
+        print(f"[05] best CMA-ES mean at generation {best['generation']}: "
+              f"{best['heldout_mean']:.1f} +- {best['heldout_std']:.1f} on {cc.eval_episodes} held-out tracks")
+
+
+if __name__ == "__main__":
+    run_stage(main)

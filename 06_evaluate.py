@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Stage 06: evaluate the trained controller on held-out tracks and write the report.
+
+    python 06_evaluate.py --config configs/carracing_vae.yaml [--set evaluate.episodes=100]
+
+Plays evaluate.episodes full episodes (no early stop) on env seeds from the
+"evaluate" stream, disjoint from every training seed (utils/seeding.py), and
+writes <run_dir>/eval/: scores.json (per-episode returns, mean, std, seeds),
+report.md, episode.gif (the frame beside V's reconstruction, for the first
+evaluation episode) and reconstructions.png (held-out frames over their
+reconstructions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models import load_world_model
+from models.controller import LinearController
+from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
+from utils.config import config_to_dict
+from utils.data import sample_frames
+from utils.envs import frames_to_tensor, make_env
+from utils.io import atomic_path, load_checkpoint, save_json, save_text, write_manifest
+from utils.parallel import WorkerPool
+from utils.rollout import Agent, agent_task, init_agent_worker, run_agent_episode
+from utils.seeding import env_seed
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3)."""
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@torch.inference_mode()
+def save_episode_gif(path: str, vision, frames: list[np.ndarray], every: int, max_frames: int, scale: int = 3) -> int:
+    """GIF of [frame | decode(encode(frame))] for every `every`-th frame; returns the frame count."""
+    picked = np.stack(frames[::every][:max_frames])
+    recon = to_uint8(vision.reconstruct(frames_to_tensor(picked)))
+    pairs = np.concatenate([picked, recon], axis=2)  # (N, S, 2S, 3)
+    size = (pairs.shape[2] * scale, pairs.shape[1] * scale)
+    images = [Image.fromarray(p).resize(size, Image.NEAREST) for p in pairs]
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=40 * every, loop=0)
+    return len(images)
+
+
+@torch.inference_mode()
+def save_reconstruction_grid(path: str, vision, frames: np.ndarray, scale: int = 2) -> None:
+    """PNG: held-out frames (top row) over decode(encode(frame)) (bottom row)."""
+    recon = to_uint8(vision.reconstruct(frames_to_tensor(frames)))
+    grid = np.concatenate([np.concatenate(list(frames), axis=1), np.concatenate(list(recon), axis=1)], axis=0)
+    image = Image.fromarray(grid)
+    image = image.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def budget_summary(cfg) -> dict:
+    """What each upstream stage cost, read from the manifests (missing ones are skipped)."""
+    out = {}
+    for name in ("rollouts", "vision", "latents", "mdnrnn", "controller"):
+        path = os.path.join(stage_dir(cfg, name), "manifest.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                m = json.load(f)
+            out[name] = {"wall_s": m["wall_s"], **{k: v for k, v in m["metrics"].items() if not isinstance(v, dict)}}
+    return out
+
+
+def write_report(path: str, cfg, scores: dict, budget: dict, media: dict) -> None:
+    c, r = cfg.controller, cfg.rollouts
+    lines = [
+        f"# Evaluation: {cfg.run_dir}",
+        "",
+        f"World model: V = {cfg.vision.kind} (z = {cfg.vision.z_dim}), M = MDN-RNN ({cfg.mdnrnn.hidden} units, "
+        f"{cfg.mdnrnn.gaussians} Gaussians), C = linear, trained with CMA-ES in the {c.env} env.",
+        "",
+        "| env | episodes | mean +- std | min | max | controller params |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| {cfg.env.id} | {scores['episodes']} | {scores['mean']:.1f} +- {scores['std']:.1f} | "
+        f"{scores['min']:.1f} | {scores['max']:.1f} | {scores['params']} (generation {scores['params_generation']}) |",
+        "",
+        f"Evaluation seeds {scores['seeds'][0]}..{scores['seeds'][-1]} are disjoint from every training seed.",
+        "",
+        "## Budget",
+        "",
+        "| stage | wall time (s) | size |",
+        "| --- | --- | --- |",
+    ]
+    sizes = {
+        "rollouts": f"{r.episodes} random-policy episodes ({r.policy})",
+        "vision": f"{cfg.vision.epochs} epochs",
+        "latents": "",
+        "mdnrnn": f"{cfg.mdnrnn.epochs} epochs",
+        "controller": f"{c.generations} generations x {c.popsize} candidates x {c.rollouts_per_candidate} rollouts",
+    }
+    for name, b in budget.items():
+        lines.append(f"| {name} | {b['wall_s']:.0f} | {sizes[name]} |")
+    lines += ["", "## Media", ""]
+    for title, rel in media.items():
+        lines.append(f"![{title}]({rel})")
+        lines.append("")
+    save_text(path, "\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[1])
+    parser.add_argument("--vision", help="vision checkpoint (default: <run_dir>/vision/best.pt)")
+    parser.add_argument("--mdnrnn", help="MDN-RNN checkpoint (default: <run_dir>/mdnrnn/best.pt)")
+    parser.add_argument("--controller", help="controller checkpoint (default: <run_dir>/controller/controller.pt)")
+    args = parser.parse_args(argv)
+    cfg = load_stage_config(args)
+    ec = cfg.evaluate
+    vision_path = args.vision or os.path.join(stage_dir(cfg, "vision"), "best.pt")
+    mdnrnn_path = args.mdnrnn or os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt")
+    controller_path = args.controller or os.path.join(stage_dir(cfg, "controller"), "controller.pt")
+    ckpt = load_checkpoint(controller_path, "controller")
+    vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
+    controller = LinearController(**ckpt["hparams"])
+    params = ckpt["params_best"] if ec.params == "best" else ckpt["params_mean"]
+    controller.set_params(params)  # raises ValueError on a size mismatch: checked here, before the workers start
+    out_dir = stage_dir(cfg, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.perf_counter()
+
+    seeds = [env_seed(cfg.seed, "evaluate", i) for i in range(ec.episodes)]
+    tasks = [{"params": params, "seed": s, "max_steps": ec.max_steps, "early_stop_steps": 0} for s in seeds]
+    with WorkerPool(ec.workers, init_agent_worker, (vision_path, mdnrnn_path, cfg.env), agent_task,
+                    cfg.controller.worker_timeout_s, cfg.controller.max_retries) as pool:
+        results = pool.map(tasks, progress="06 evaluate")
+    returns = np.array([r["return"] for r in results])
+    generation = (ckpt["best"] or {}).get("generation", ckpt["generation"]) if ec.params == "best" else ckpt["generation"]
+    scores = {
+        "env": cfg.env.id,
+        "episodes": len(returns),
+        "mean": float(returns.mean()),
+        "std": float(returns.std()),
+        "min": float(returns.min()),
+        "max": float(returns.max()),
+        "returns": returns.tolist(),
+        "steps": [r["steps"] for r in results],
+        "seeds": seeds,
+        "params": ec.params,
+        "params_generation": generation,
+        "controller": os.path.abspath(controller_path),
+    }
+    save_json(os.path.join(out_dir, "scores.json"), scores)
+
+    # Media: replay the first evaluation episode in this process, recording frames.
+    torch.set_num_threads(1)
+    env = make_env(cfg.env)
+    episode = run_agent_episode(env, Agent(vision, mdnrnn, controller, cfg.env), seeds[0], ec.max_steps, record=True)
+    env.close()
+    n_gif = save_episode_gif(os.path.join(out_dir, "episode.gif"), vision, episode.frames, ec.gif_every, ec.gif_max_frames)
+    held_out = load_checkpoint(vision_path, vision.kind).get("split", {}).get("held_out", [])
+    media = {f"episode {seeds[0]} (return {episode.ret:.1f}): frame | reconstruction": "episode.gif"}
+    if held_out and ec.recon_frames > 0:
+        files = [os.path.join(stage_dir(cfg, "rollouts"), f) for f in held_out]
+        files = [f for f in files if os.path.exists(f)]
+        if files:
+            frames = sample_frames(files, ec.recon_frames, cfg.seed)
+            save_reconstruction_grid(os.path.join(out_dir, "reconstructions.png"), vision, frames)
+            media["held-out frames (top) and reconstructions (bottom)"] = "reconstructions.png"
+    if os.path.exists(os.path.join(stage_dir(cfg, "controller"), "learning_curve.png")):
+        media["CMA-ES learning curve"] = "../controller/learning_curve.png"
+    budget = budget_summary(cfg)
+    write_report(os.path.join(out_dir, "report.md"), cfg, scores, budget, media)
+    wall = time.perf_counter() - start
+    write_manifest(
+        out_dir, "06_evaluate", config_to_dict(cfg),
+        {"vision": os.path.abspath(vision_path), "mdnrnn": os.path.abspath(mdnrnn_path), "controller": os.path.abspath(controller_path)},
+        wall, {k: scores[k] for k in ("episodes", "mean", "std", "min", "max")} | {"gif_frames": n_gif},
+    )
+    print(f"[06] {cfg.env.id}: {scores['mean']:.1f} +- {scores['std']:.1f} over {len(returns)} held-out episodes "
+          f"(min {scores['min']:.1f}, max {scores['max']:.1f}); report: {os.path.join(out_dir, 'report.md')}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,168 @@
+"""MDN-RNN memory model M (Ha & Schmidhuber 2018, section 2.2; Graves 2013).
+
+An LSTM reads [z_t, a_t] and its hidden state h_t parameterises
+
+- p(z_{t+1} | z_<=t, a_<=t): for each latent dimension d independently, a
+  mixture of K one-dimensional Gaussians with its own mixture weights
+  (pi_{d,k}, mu_{d,k}, sigma_{d,k}), i.e. a product over d of mixtures;
+- the reward r_t received for a_t (a scalar regression head);
+- the done logit: whether the episode terminates after a_t.
+
+Each sigma is bounded to [exp(min_log_sigma), exp(max_log_sigma)] through a
+sigmoid, and the mixture likelihood is computed with logsumexp, so the loss
+cannot run off to large negative values or overflow.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (1, B, hidden)
+
+
+class MixtureParams(NamedTuple):
+    """Per-dimension Gaussian mixtures; every field float (..., D, K)."""
+
+    logit_pi: torch.Tensor  # unnormalised log mixture weights
+    mu: torch.Tensor
+    log_sigma: torch.Tensor
+
+
+def mdn_nll(params: MixtureParams, target: torch.Tensor) -> torch.Tensor:
+    """-log p(target) under the per-dimension mixtures, summed over D.
+
+    target float (..., D); params fields (..., D, K). Returns float (...), nats.
+    Equal to -MixtureSameFamily(Categorical(logits=logit_pi),
+    Normal(mu, exp(log_sigma))).log_prob(target).sum(-1).
+    """
+    t = target.unsqueeze(-1)  # (..., D, 1)
+    log_normal = -0.5 * ((t - params.mu) * torch.exp(-params.log_sigma)).pow(2) - params.log_sigma
+    log_normal = log_normal - 0.5 * math.log(2 * math.pi)
+    log_pi = F.log_softmax(params.logit_pi, dim=-1)
+    return -torch.logsumexp(log_pi + log_normal, dim=-1).sum(dim=-1)
+
+
+def mdn_sample(params: MixtureParams, temperature: float = 1.0, generator=None) -> torch.Tensor:
+    """Draw z ~ mixture at temperature tau (Ha & Schmidhuber): logits / tau, sigma * sqrt(tau).
+
+    params fields (B, D, K) -> float (B, D). tau -> 0 gives the mean of the most
+    likely component.
+    """
+    tau = max(float(temperature), 1e-6)
+    probs = F.softmax(params.logit_pi / tau, dim=-1)  # (B, D, K)
+    flat = probs.reshape(-1, probs.shape[-1])
+    k = torch.multinomial(flat, 1, generator=generator).view(*probs.shape[:-1], 1)
+    mu = params.mu.gather(-1, k).squeeze(-1)
+    sigma = params.log_sigma.gather(-1, k).squeeze(-1).exp() * math.sqrt(tau)
+    noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    return mu + sigma * noise
+
+
+class MDNRNN(nn.Module):
+    """LSTM + mixture density head for z_{t+1}, plus reward and done heads.
+
+    Args:
+        z_dim: latent size D; action_dim: A; hidden: LSTM units (256 in the
+        paper); gaussians: K mixture components per latent dimension (5).
+    """
+
+    kind = "mdnrnn"
+
+    def __init__(
+        self,
+        z_dim: int,
+        action_dim: int,
+        hidden: int = 256,
+        gaussians: int = 5,
+        min_log_sigma: float = -5.0,
+        max_log_sigma: float = 2.0,
+    ):
+        super().__init__()
+        self.z_dim, self.action_dim, self.hidden, self.gaussians = z_dim, action_dim, hidden, gaussians
+        self.min_log_sigma, self.max_log_sigma = min_log_sigma, max_log_sigma
+        self.lstm = nn.LSTM(z_dim + action_dim, hidden, batch_first=True)
+        self.mdn_head = nn.Linear(hidden, 3 * z_dim * gaussians)
+        self.reward_head = nn.Linear(hidden, 1)
+        self.done_head = nn.Linear(hidden, 1)
+
+    def hparams(self) -> dict:
+        return dict(
+            z_dim=self.z_dim,
+            action_dim=self.action_dim,
+            hidden=self.hidden,
+            gaussians=self.gaussians,
+            min_log_sigma=self.min_log_sigma,
+            max_log_sigma=self.max_log_sigma,
+        )
+
+    def _heads(self, h: torch.Tensor) -> tuple[MixtureParams, torch.Tensor, torch.Tensor]:
+        out = self.mdn_head(h).view(*h.shape[:-1], self.z_dim, 3, self.gaussians)
+        logit_pi, mu, raw_sigma = out.unbind(dim=-2)  # each (..., D, K)
+        span = self.max_log_sigma - self.min_log_sigma
+        log_sigma = self.min_log_sigma + span * torch.sigmoid(raw_sigma)
+        reward = self.reward_head(h).squeeze(-1)
+        done_logit = self.done_head(h).squeeze(-1)
+        return MixtureParams(logit_pi, mu, log_sigma), reward, done_logit
+
+    def forward(
+        self, z: torch.Tensor, a: torch.Tensor, state: LSTMState | None = None
+    ) -> tuple[MixtureParams, torch.Tensor, torch.Tensor, LSTMState]:
+        """Sequence API. z (B, T, D), a (B, T, A) float32 -> mixture params (B, T, D, K),
+        reward (B, T), done logit (B, T), final LSTM state."""
+        h, state = self.lstm(torch.cat([z, a], dim=-1), state)  # h (B, T, hidden)
+        params, reward, done_logit = self._heads(h)
+        return params, reward, done_logit, state
+
+    def initial_state(self, batch: int) -> LSTMState:
+        zeros = torch.zeros(1, batch, self.hidden, device=self.mdn_head.weight.device)
+        return zeros, zeros.clone()
+
+    def advance(self, z: torch.Tensor, a: torch.Tensor, state: LSTMState) -> LSTMState:
+        """Only the recurrent update (no heads): the cheap path for acting in the real env.
+        z (B, D), a (B, A) -> new (h, c), each (1, B, hidden)."""
+        _, state = self.lstm(torch.cat([z, a], dim=-1)[:, None], state)
+        return state
+
+    def step(
+        self, z: torch.Tensor, a: torch.Tensor, state: LSTMState
+    ) -> tuple[MixtureParams, torch.Tensor, torch.Tensor, LSTMState]:
+        """One-step API for control and dreaming. z (B, D), a (B, A) -> params (B, D, K),
+        reward (B,), done logit (B,), new state; h = state[0][0] is (B, hidden)."""
+        params, reward, done_logit, state = self.forward(z[:, None], a[:, None], state)
+        squeeze = MixtureParams(*(p[:, 0] for p in params))
+        return squeeze, reward[:, 0], done_logit[:, 0], state
+
+
+def mdnrnn_loss(
+    model: MDNRNN,
+    z: torch.Tensor,
+    a: torch.Tensor,
+    reward: torch.Tensor,
+    done: torch.Tensor,
+    next_valid: torch.Tensor,
+    step_valid: torch.Tensor,
+    reward_weight: float = 1.0,
+    done_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Masked training loss on a batch of windows.
+
+    z float (B, T+1, D): latents z_0..z_T (z_T may be padding); a (B, T, A);
+    reward, done float (B, T); next_valid (B, T): 1 where z_{t+1} is real;
+    step_valid (B, T): 1 where step t is real. Returns scalars: `nll` (nats
+    per latent dim per step), `reward_mse`, `done_bce` and their weighted sum
+    `loss`.
+    """
+    params, reward_pred, done_logit, _ = model(z[:, :-1], a)
+    nll = mdn_nll(params, z[:, 1:])  # (B, T)
+    nll = (nll * next_valid).sum() / next_valid.sum().clamp(min=1) / model.z_dim
+    n_steps = step_valid.sum().clamp(min=1)
+    reward_mse = ((reward_pred - reward).pow(2) * step_valid).sum() / n_steps
+    bce = F.binary_cross_entropy_with_logits(done_logit, done, reduction="none")
+    done_bce = (bce * step_valid).sum() / n_steps
+    loss = nll + reward_weight * reward_mse + done_weight * done_bce
+    return {"loss": loss, "nll": nll, "reward_mse": reward_mse, "done_bce": done_bce}

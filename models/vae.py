@@ -1,0 +1,144 @@
+"""Convolutional VAE of World Models (Ha & Schmidhuber 2018, appendix A.1).
+
+Encoder: four 4x4 stride-2 convolutions (32, 64, 128, 256 channels, ReLU) on a
+64x64 RGB frame, flattened (2x2x256 = 1024) and mapped to mu and logvar of a
+diagonal Gaussian posterior q(z|x) with z of size z_dim. Decoder: a dense layer
+to 1024, then deconvolutions 5x5, 5x5, 6x6, 6x6 (stride 2) back to 64x64x3 with
+a sigmoid. Prior p(z) = N(0, I).
+
+Loss (nats per image): negative ELBO = -log p(x|z) + KL(q(z|x) || p(z)), with
+Ha & Schmidhuber's KL tolerance: the KL term is max(KL, kl_tolerance * z_dim)
+(free nats), so the encoder is not pushed below that many nats of information.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) summed over the last dim.
+
+    0.5 * sum(mu^2 + exp(logvar) - logvar - 1)  (Kingma & Welling 2014, appendix B).
+    mu, logvar: float (B, D). Returns float (B,), nats.
+    """
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=-1)
+
+
+def reconstruction_nll(x: torch.Tensor, x_mean: torch.Tensor, likelihood: str, obs_std: float) -> torch.Tensor:
+    """-log p(x | z) summed over pixels and channels, per image (nats).
+
+    x, x_mean: float (B, 3, H, W) in [0, 1]. `gaussian`: N(x; x_mean, obs_std^2)
+    per pixel (a continuous density, so the value can be negative). `bernoulli`:
+    binary cross-entropy with x as soft targets.
+    Returns float (B,).
+    """
+    if likelihood == "gaussian":
+        sq = (x - x_mean).pow(2).flatten(1).sum(1)
+        n = x[0].numel()
+        return sq / (2 * obs_std**2) + n * (math.log(obs_std) + 0.5 * math.log(2 * math.pi))
+    if likelihood == "bernoulli":
+        eps = 1e-6
+        return F.binary_cross_entropy(x_mean.clamp(eps, 1 - eps), x, reduction="none").flatten(1).sum(1)
+    raise ValueError(f"unknown likelihood {likelihood!r}")
+
+
+class ConvVAE(nn.Module):
+    """The World Models conv VAE for 64x64 RGB frames.
+
+    Args:
+        z_dim: latent size (32 for CarRacing in the paper).
+        likelihood, obs_std, kl_tolerance: see the module docstring.
+
+    Raises:
+        ValueError: `frame_size` other than 64 (the architecture is fixed to it).
+    """
+
+    kind = "vae"
+
+    def __init__(
+        self,
+        z_dim: int = 32,
+        frame_size: int = 64,
+        likelihood: str = "gaussian",
+        obs_std: float = 0.7071,
+        kl_tolerance: float = 0.5,
+    ):
+        super().__init__()
+        if frame_size != 64:
+            raise ValueError(f"the conv VAE takes 64x64 frames, got env.frame_size={frame_size}")
+        self.z_dim, self.frame_size = z_dim, frame_size
+        self.likelihood, self.obs_std, self.kl_tolerance = likelihood, obs_std, kl_tolerance
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, 32, 4, stride=2), nn.ReLU(),  # (B, 32, 31, 31)
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),  # (B, 64, 14, 14)
+            nn.Conv2d(64, 128, 4, stride=2), nn.ReLU(),  # (B, 128, 6, 6)
+            nn.Conv2d(128, 256, 4, stride=2), nn.ReLU(),  # (B, 256, 2, 2)
+            nn.Flatten(),  # (B, 1024)
+        )
+        self.to_mu = nn.Linear(1024, z_dim)
+        self.to_logvar = nn.Linear(1024, z_dim)
+        self.from_z = nn.Linear(z_dim, 1024)
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(1024, 128, 5, stride=2), nn.ReLU(),  # (B, 128, 5, 5)
+            nn.ConvTranspose2d(128, 64, 5, stride=2), nn.ReLU(),  # (B, 64, 13, 13)
+            nn.ConvTranspose2d(64, 32, 6, stride=2), nn.ReLU(),  # (B, 32, 30, 30)
+            nn.ConvTranspose2d(32, 3, 6, stride=2), nn.Sigmoid(),  # (B, 3, 64, 64)
+        )
+
+    def hparams(self) -> dict:
+        """Constructor arguments; a checkpoint stores them to rebuild the model."""
+        return dict(
+            z_dim=self.z_dim,
+            frame_size=self.frame_size,
+            likelihood=self.likelihood,
+            obs_std=self.obs_std,
+            kl_tolerance=self.kl_tolerance,
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x float32 (B, 3, 64, 64) in [0, 1] -> mu, logvar float32 (B, z_dim) of q(z|x)."""
+        h = self.encoder(x)
+        return self.to_mu(h), self.to_logvar(h).clamp(-12.0, 6.0)
+
+    def decode(self, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """z float32 (B, z_dim) -> mean frame float32 (B, 3, 64, 64) in [0, 1].
+
+        `temperature` is unused for this single-group model (it matters for the
+        NVAE's lower groups); it is accepted so both V kinds share one interface.
+        """
+        return self.decoder(self.from_z(z)[:, :, None, None])
+
+    def sample_prior(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+        """n frames decoded from z ~ N(0, temperature^2 I): float32 (n, 3, 64, 64)."""
+        z = torch.randn(n, self.z_dim, device=self.to_mu.weight.device) * temperature
+        return self.decode(z)
+
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training loss and ELBO terms for a batch, all scalars averaged over the batch.
+
+        x float32 (B, 3, 64, 64) in [0, 1]. Returns a dict: `recon` = -log p(x|z)
+        (nats/image, one reparameterised sample), `kl` (nats/image), `neg_elbo`
+        = recon + kl, and `loss` = recon + max(kl, kl_tolerance * z_dim) used
+        for the gradient.
+        """
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        recon = reconstruction_nll(x, self.decode(z), self.likelihood, self.obs_std).mean()
+        kl = gaussian_kl(mu, logvar).mean()
+        kl_floor = self.kl_tolerance * self.z_dim
+        return {
+            "loss": recon + torch.clamp(kl, min=kl_floor),
+            "recon": recon,
+            "kl": kl,
+            "neg_elbo": recon + kl,
+        }
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(mu(x)): the reconstruction M and C's z stands for. float32 (B, 3, 64, 64)."""
+        return self.decode(self.encode(x)[0])

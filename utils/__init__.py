@@ -1,0 +1,1 @@
+"""Shared plumbing for the numbered stage scripts: config, envs, artifact io, workers."""

@@ -1,0 +1,229 @@
+"""Typed experiment config: one YAML file per experiment, dotted overrides, strict keys.
+
+A config file holds `run_dir`, `seed` and one section per stage. Every key is a
+field of the dataclasses below; an unknown or misspelled key, or a value of the
+wrong type, raises `UserError` naming the file and the dotted key.
+
+    cfg = load_config("configs/smoke.yaml", ["vision.z_dim=16", "seed=3"])
+    cfg.vision.z_dim  # 16
+
+The field comments are the documentation of each key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from utils.errors import UserError
+
+
+@dataclass
+class EnvConfig:
+    id: str = "CarRacing-v3"  # gymnasium id of the real environment
+    frame_size: int = 64  # V's input is frame_size x frame_size RGB
+    crop_dashboard: bool = False  # drop CarRacing's bottom 12 dashboard rows before resizing
+    max_episode_steps: int = 1000  # time limit of one episode (env steps)
+
+
+@dataclass
+class RolloutsConfig:
+    episodes: int = 1000  # random-policy episodes to record for V and M
+    policy: str = "brownian"  # brownian (ctallec/world-models) | uniform
+    brownian_dt: float = 0.02  # step of the brownian action walk: a += sqrt(dt) * N(0, 1)
+    max_steps: int = 0  # cap on steps per recorded episode (0: env.max_episode_steps)
+    workers: int = 2  # parallel worker processes
+
+
+@dataclass
+class VisionConfig:
+    kind: str = "vae"  # vae (Ha & Schmidhuber conv VAE); nvae comes with its own issue
+    z_dim: int = 32  # size of the flat latent z that M and C see
+    likelihood: str = "gaussian"  # gaussian (fixed obs_std) | bernoulli
+    obs_std: float = 0.7071  # std of the gaussian likelihood; sqrt(1/2) makes -log p = sum sq. error + const
+    kl_tolerance: float = 0.5  # free nats per latent dim (Ha & Schmidhuber); 0 gives the plain ELBO
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    grad_clip: float = 100.0  # max global grad norm
+    holdout_fraction: float = 0.1  # fraction of episodes held out (split by episode, sorted then seeded)
+    val_frames: int = 2048  # held-out frames used for the per-epoch validation ELBO
+    chunk_episodes: int = 32  # episodes held in memory at once while shuffling frames
+    workers: int = 2  # torch threads
+
+
+@dataclass
+class LatentsConfig:
+    batch_size: int = 500  # frames encoded per forward pass
+
+
+@dataclass
+class MDNRNNConfig:
+    hidden: int = 256  # LSTM units
+    gaussians: int = 5  # mixture components per latent dimension
+    seq_len: int = 32  # training subsequence length
+    batch_size: int = 32
+    epochs: int = 20
+    lr: float = 1.0e-3
+    grad_clip: float = 1.0
+    min_log_sigma: float = -5.0  # sigma of each mixture component is bounded to
+    max_log_sigma: float = 2.0  # [exp(min_log_sigma), exp(max_log_sigma)]
+    reward_weight: float = 1.0  # weight of the reward MSE in the loss
+    done_weight: float = 1.0  # weight of the done BCE in the loss
+    holdout_fraction: float = 0.1
+    workers: int = 2  # torch threads
+
+
+@dataclass
+class ControllerConfig:
+    env: str = "real"  # real (the dream comes with its own issue)
+    popsize: int = 16  # CMA-ES population
+    rollouts_per_candidate: int = 2  # fitness = mean return over this many episodes
+    generations: int = 100
+    sigma0: float = 0.1  # initial CMA-ES step size
+    max_steps: int = 0  # cap on steps of a training episode (0: env.max_episode_steps)
+    early_stop_steps: int = 0  # end a training episode after k steps without a new best return (0: off)
+    eval_every: int = 10  # re-evaluate the CMA-ES mean on held-out seeds every this many generations
+    eval_episodes: int = 8  # held-out episodes per re-evaluation
+    workers: int = 2  # worker processes, each holding an env plus V and M
+    worker_timeout_s: float = 600.0  # a task running longer is treated as a hung worker and re-run
+    max_retries: int = 2  # re-runs of a task whose worker crashed or hung
+    max_wall_minutes: float = 0.0  # stop after the generation that passes this wall time (0: no limit)
+
+
+@dataclass
+class EvaluateConfig:
+    episodes: int = 100  # evaluation episodes, on seeds disjoint from every training seed
+    params: str = "best"  # best (best held-out re-evaluation) | mean (final CMA-ES mean)
+    max_steps: int = 0  # 0: env.max_episode_steps
+    workers: int = 2
+    gif_every: int = 2  # keep every n-th frame in the GIF
+    gif_max_frames: int = 300
+    recon_frames: int = 16  # held-out frames in the reconstruction grid
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"  # every artifact of the experiment goes under this folder
+    seed: int = 0  # run seed; every episode seed derives from it (utils/seeding.py)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
+    mdnrnn: MDNRNNConfig = field(default_factory=MDNRNNConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# Allowed values of string keys: a typo here is as bad as a typo in a key name.
+CHOICES = {
+    "rollouts.policy": ("brownian", "uniform"),
+    "vision.kind": ("vae",),
+    "vision.likelihood": ("gaussian", "bernoulli"),
+    "controller.env": ("real",),
+    "evaluate.params": ("best", "mean"),
+}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check `value` against the annotation `typ`; ints are accepted for floats."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool):
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise UserError(f"{where}: expected {typ.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {typ} at {where}")  # a bug in the schema
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise UserError(
+                f"{source}: unknown key '{prefix}{key}' (expected one of: {', '.join(sorted(names))})"
+            )
+    kwargs = {}
+    for key, value in data.items():
+        typ = hints[key]
+        where = f"{source}: key '{prefix}{key}'"
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, source, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, typ, where)
+            allowed = CHOICES.get(f"{prefix}{key}")
+            if allowed and kwargs[key] not in allowed:
+                raise UserError(f"{where}: expected one of {allowed}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{source}: '{part}' in '{dotted}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse `section.key=value` strings; values are read as YAML scalars (3, 0.1, true, vae)."""
+    parsed = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"--set: expected section.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def config_from_dict(data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Config:
+    """Build a validated Config from a plain dict plus dotted overrides.
+
+    Raises:
+        UserError: an unknown key, a wrong type or a value outside CHOICES, naming
+            `source` and the dotted key.
+    """
+    data = dict(data or {})
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value, f"{source} (--set {key})")
+    return _build(Config, data, source, "")
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> Config:
+    """Load and validate the YAML file `path`, then apply `overrides`.
+
+    Raises:
+        UserError: the file is missing or not valid YAML, or any key error of
+            `config_from_dict`.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: config file not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return config_from_dict(data or {}, path, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

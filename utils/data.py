@@ -1,0 +1,122 @@
+"""Datasets over episode files: frames for V (stage 02), latent windows for M (stage 04).
+
+Splits are by episode, never by frame (frames of one episode are nearly
+duplicates): the file list is sorted, permuted with the run seed, and the
+first `holdout_fraction` of it is held out. Sorting first makes the split
+independent of the file system's listing order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+
+from utils.io import load_episode
+
+
+def split_episodes(files: list[str], holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held_out) lists of files, each sorted. At least one episode each when there are two or more."""
+    files = sorted(files)
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_held = int(round(holdout_fraction * len(files)))
+    if holdout_fraction > 0 and len(files) >= 2:
+        n_held = min(max(n_held, 1), len(files) - 1)
+    held = sorted(files[i] for i in order[:n_held])
+    train = sorted(files[i] for i in order[n_held:])
+    return train, held
+
+
+def iterate_frame_batches(
+    files: list[str], batch_size: int, chunk_episodes: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """Yield shuffled uint8 (B, S, S, 3) batches covering every frame of `files` once.
+
+    Episodes are visited in random order, `chunk_episodes` at a time held in
+    memory, and frames are shuffled within a chunk, so memory stays bounded
+    however many rollouts there are. The last, smaller batch of a chunk is kept.
+    """
+    order = rng.permutation(len(files))
+    for start in range(0, len(files), chunk_episodes):
+        chunk = [files[i] for i in order[start : start + chunk_episodes]]
+        frames = np.concatenate([load_episode(f, ("obs",))["obs"] for f in chunk])
+        perm = rng.permutation(len(frames))
+        for b in range(0, len(frames), batch_size):
+            yield frames[perm[b : b + batch_size]]
+
+
+def sample_frames(files: list[str], n: int, seed: int) -> np.ndarray:
+    """n frames (uint8 (n, S, S, 3)) spread evenly over `files`, deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    per_file = max(1, int(np.ceil(n / max(1, len(files)))))
+    frames = []
+    for f in files:
+        obs = load_episode(f, ("obs",))["obs"]
+        idx = np.sort(rng.choice(len(obs), size=min(per_file, len(obs)), replace=False))
+        frames.append(obs[idx])
+    frames = np.concatenate(frames)
+    return frames[np.sort(rng.choice(len(frames), size=min(n, len(frames)), replace=False))]
+
+
+LATENT_KEYS = ("mu", "logvar", "actions", "rewards", "terminated")
+
+
+class LatentWindows:
+    """Fixed-length training windows over encoded episodes, for the MDN-RNN.
+
+    Each episode of length T gives mu, logvar padded to T+1 (the last frame has
+    no successor) and windows of `seq_len` steps starting every `seq_len` steps
+    from a random phase per epoch, plus one window ending at the episode's last
+    step, so every terminal step is trained on. Episodes shorter than `seq_len`
+    are padded and masked.
+    """
+
+    def __init__(self, files: list[str], seq_len: int):
+        self.seq_len = seq_len
+        self.episodes = [self._load(f) for f in files]
+
+    def _load(self, path: str) -> dict[str, np.ndarray]:
+        e = load_episode(path, LATENT_KEYS)
+        T, L = len(e["actions"]), self.seq_len
+        length = max(T, L)
+        out = {
+            "mu": np.zeros((length + 1, e["mu"].shape[1]), np.float32),
+            "logvar": np.zeros((length + 1, e["mu"].shape[1]), np.float32),
+            "actions": np.zeros((length, e["actions"].shape[1]), np.float32),
+            "rewards": np.zeros(length, np.float32),
+            "done": np.zeros(length, np.float32),
+            "next_valid": np.zeros(length, np.float32),
+            "step_valid": np.zeros(length, np.float32),
+        }
+        out["mu"][:T] = e["mu"][:T]
+        out["logvar"][:T] = e["logvar"][:T]
+        out["actions"][:T] = e["actions"]
+        out["rewards"][:T] = e["rewards"]
+        out["done"][:T] = e["terminated"]
+        out["next_valid"][: T - 1] = 1.0
+        out["step_valid"][:T] = 1.0
+        out["name"] = os.path.basename(path)
+        return out
+
+    def windows(self, rng: np.random.Generator | None) -> list[tuple[int, int]]:
+        """(episode, start) pairs for one epoch; rng None gives the fixed phase 0 (validation)."""
+        L, pairs = self.seq_len, []
+        for i, e in enumerate(self.episodes):
+            n = len(e["actions"])
+            phase = int(rng.integers(L)) if rng is not None else 0
+            starts = list(range(phase, n - L + 1, L)) or [0]
+            if starts[-1] != n - L:
+                starts.append(n - L)
+            pairs += [(i, s) for s in starts]
+        return pairs
+
+    def batch(self, pairs: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+        """Stack windows: mu, logvar (B, L+1, D); actions (B, L, A); the rest (B, L)."""
+        L = self.seq_len
+        out = {}
+        for key in ("mu", "logvar"):
+            out[key] = np.stack([self.episodes[i][key][s : s + L + 1] for i, s in pairs])
+        for key in ("actions", "rewards", "done", "next_valid", "step_valid"):
+            out[key] = np.stack([self.episodes[i][key][s : s + L] for i, s in pairs])
+        return out

@@ -1,0 +1,191 @@
+"""Artifact io: atomic writes, episode npz files, checkpoints and stage manifests.
+
+Every file is written to a temporary name in its own folder and renamed into
+place (`os.replace` is atomic on POSIX), so a killed stage never leaves a
+half-written artifact that the next stage would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+import zipfile
+from typing import Any, Iterator
+
+import numpy as np
+
+from utils.errors import UserError
+
+EPISODE_GLOB = "episode_*.npz"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.basename(path), dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_npz(path: str, **arrays: Any) -> None:
+    """Write a compressed npz atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def save_json(path: str, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+
+
+def save_text(path: str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+
+def save_torch(path: str, obj: Any) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def episode_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f"episode_{index:05d}.npz")
+
+
+def list_episodes(folder: str, what: str = "rollouts") -> list[str]:
+    """Sorted episode files of `folder`.
+
+    Raises:
+        UserError: the folder does not exist or holds no episode_*.npz file.
+    """
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: {what} folder not found (run the stage that writes it first)")
+    files = sorted(glob.glob(os.path.join(folder, EPISODE_GLOB)))
+    if not files:
+        raise UserError(f"{folder}: no {EPISODE_GLOB} files in the {what} folder")
+    return files
+
+
+def load_episode(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Read `keys` from one episode npz.
+
+    Raises:
+        UserError: the file is unreadable, corrupt, or lacks one of `keys`.
+    """
+    try:
+        with np.load(path) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise UserError(f"{path}: missing arrays {missing} (found {data.files})")
+            return {k: data[k] for k in keys}
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise UserError(f"{path}: corrupt or unreadable npz ({type(exc).__name__}: {exc})") from None
+
+
+def check_episodes(files: list[str], keys: tuple[str, ...]) -> list[int]:
+    """Open every file and read its small `keys` (not the frames); return their lengths.
+
+    Catches corrupt files before a long stage starts, with the file named.
+    """
+    return [len(load_episode(f, keys)[keys[0]]) for f in files]
+
+
+def load_checkpoint(path: str, kind: str | tuple[str, ...]) -> dict:
+    """Load a self-describing checkpoint dict and check its `kind`.
+
+    Raises:
+        UserError: missing or unreadable file, or `ckpt["kind"]` not in `kind`.
+    """
+    import torch
+
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: checkpoint not found (run the stage that writes it first)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path}: checkpoint of kind {found!r}, expected one of {kinds}")
+    return ckpt
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("numpy", "torch", "gymnasium", "cma"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing optional library is just not listed
+            pass
+    return versions
+
+
+def write_manifest(
+    stage_dir: str, stage: str, cfg_dict: dict, inputs: dict, wall_s: float, metrics: dict
+) -> None:
+    """Write `manifest.json` (and the resolved `config.yaml`) describing a finished stage."""
+    import yaml
+
+    save_text(os.path.join(stage_dir, "config.yaml"), yaml.safe_dump(cfg_dict, sort_keys=False))
+    save_json(
+        os.path.join(stage_dir, "manifest.json"),
+        {
+            "stage": stage,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "wall_s": round(wall_s, 2),
+            "git_commit": git_commit(),
+            "versions": library_versions(),
+            "inputs": inputs,
+            "metrics": metrics,
+            "config": cfg_dict,
+        },
+    )
+
+
+def read_manifest(stage_dir: str) -> dict:
+    path = os.path.join(stage_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: manifest not found (the stage that writes {stage_dir} has not finished)")
+    with open(path) as f:
+        return json.load(f)

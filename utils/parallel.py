@@ -1,0 +1,184 @@
+"""A pool of long-lived worker processes that never hangs the caller.
+
+Each worker builds its state once (`init_fn(*init_args)`, e.g. an env plus V
+and M) and then runs `task_fn(state, task)` for one task at a time, sent over
+its own pipe. The parent waits on the pipes and on the process sentinels with
+a timeout, so
+
+- a worker that dies (segfault, OOM kill, os._exit) is seen at once,
+- a worker that runs a task longer than `timeout_s` is killed,
+
+and in both cases a fresh worker is started and the task is re-run, at most
+`max_retries` times, after which `WorkerError` is raised. An exception raised
+inside `task_fn` is a bug, not bad luck: it is raised in the parent with the
+worker's traceback, without retrying.
+
+init_fn and task_fn must be importable module-level functions (workers are
+started with the "spawn" method, which is safe with torch's thread pools).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import traceback
+from multiprocessing.connection import wait
+from typing import Any, Callable, Iterable
+
+from tqdm import tqdm
+
+
+class WorkerError(RuntimeError):
+    """A task failed in a worker (an exception, or crashes/hangs beyond max_retries)."""
+
+
+def _worker_main(conn, init_fn: Callable, init_args: tuple, task_fn: Callable) -> None:
+    try:
+        state = init_fn(*init_args)
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("init_error", None, traceback.format_exc()))
+        return
+    conn.send(("ready", None, None))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        index, task = msg
+        try:
+            conn.send(("ok", index, task_fn(state, task)))
+        except BaseException:  # noqa: BLE001
+            conn.send(("error", index, traceback.format_exc()))
+
+
+class _Worker:
+    def __init__(self, ctx, init_fn, init_args, task_fn):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, init_fn, init_args, task_fn), daemon=True)
+        self.proc.start()
+        child.close()
+        self.task: int | None = None  # index of the running task
+        self.started = 0.0
+        self.ready = False
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=5)
+        self.conn.close()
+
+
+class WorkerPool:
+    """Run tasks on `n_workers` processes with crash and hang detection (see module docstring)."""
+
+    def __init__(
+        self,
+        n_workers: int,
+        init_fn: Callable,
+        init_args: tuple,
+        task_fn: Callable,
+        timeout_s: float = 600.0,
+        max_retries: int = 2,
+        init_timeout_s: float = 300.0,
+    ):
+        self.ctx = mp.get_context("spawn")
+        self.args = (init_fn, init_args, task_fn)
+        self.timeout_s, self.max_retries, self.init_timeout_s = timeout_s, max_retries, init_timeout_s
+        self.workers = [_Worker(self.ctx, *self.args) for _ in range(max(1, n_workers))]
+        self.restarts = 0  # workers replaced after a crash or a hang, over the pool's life
+        self.start_failures = 0  # workers that died before they were ready
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for w in self.workers:
+            try:
+                if w.proc.is_alive():
+                    w.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for w in self.workers:
+            w.proc.join(timeout=2)
+            w.kill()
+
+    def _replace(self, i: int) -> None:
+        self.workers[i].kill()
+        self.workers[i] = _Worker(self.ctx, *self.args)
+        self.restarts += 1
+
+    def map(self, tasks: Iterable[Any], progress: str | None = None) -> list[Any]:
+        """Run every task; return the results in task order."""
+        tasks = list(tasks)
+        results: list[Any] = [None] * len(tasks)
+        pending = list(range(len(tasks)))[::-1]  # pop() takes from the end
+        tries = [0] * len(tasks)
+        done = 0
+        bar = tqdm(total=len(tasks), desc=progress, leave=False, disable=None if progress else True)
+        try:
+            while done < len(tasks):
+                self._dispatch(pending, tasks)
+                by_conn = {w.conn: i for i, w in enumerate(self.workers)}
+                by_sentinel = {w.proc.sentinel: i for i, w in enumerate(self.workers)}
+                ready = wait(list(by_conn) + list(by_sentinel), timeout=1.0)
+                handled = set()
+                for obj in ready:
+                    i = by_conn.get(obj, by_sentinel.get(obj))
+                    if i in handled:
+                        continue
+                    handled.add(i)
+                    w = self.workers[i]
+                    if obj in by_conn or w.conn.poll():
+                        try:
+                            status, index, payload = w.conn.recv()
+                        except (EOFError, OSError):
+                            status, index, payload = "died", w.task, None
+                    else:
+                        status, index, payload = "died", w.task, None
+                    if status == "ready":
+                        w.ready = True
+                    elif status == "ok":
+                        results[index] = payload
+                        w.task = None
+                        done += 1
+                        bar.update(1)
+                    elif status in ("error", "init_error"):
+                        raise WorkerError(f"worker task failed:\n{payload}")
+                    else:  # the process died
+                        self._retry(i, index, pending, tries, "crashed")
+                now = time.monotonic()
+                for i, w in enumerate(self.workers):
+                    if w.task is not None and now - w.started > self.timeout_s:
+                        self._retry(i, w.task, pending, tries, f"hung for more than {self.timeout_s:.0f} s")
+                    elif w.task is None and not w.ready and now - w.started > self.init_timeout_s:
+                        raise WorkerError(f"a worker did not start within {self.init_timeout_s:.0f} s")
+        finally:
+            bar.close()
+        return results
+
+    def _dispatch(self, pending: list[int], tasks: list[Any]) -> None:
+        for w in self.workers:
+            if not w.started:
+                w.started = time.monotonic()  # for the start-up timeout
+            if w.ready and w.task is None and pending:
+                index = pending.pop()
+                w.conn.send((index, tasks[index]))
+                w.task, w.started = index, time.monotonic()
+
+    def _retry(self, i: int, index: int | None, pending: list[int], tries: list[int], why: str) -> None:
+        self._replace(i)
+        if index is None:
+            self.start_failures += 1
+            if self.start_failures > self.max_retries + len(self.workers):
+                raise WorkerError(f"workers keep dying while starting ({self.start_failures} times)")
+            return
+        tries[index] += 1
+        if tries[index] > self.max_retries:
+            raise WorkerError(f"task {index}: worker {why} {tries[index]} times, giving up")
+        tqdm.write(f"warning: worker {why} on task {index}; restarted it and re-running the task")
+        pending.append(index)

@@ -1,0 +1,157 @@
+"""Episodes in the real env: random-policy recording (stage 01) and the V-M-C agent (05, 06).
+
+The frame of an episode follows this path: env observation (uint8 96x96x3)
+-> `preprocess_frame` (uint8 64x64x3) -> V.encode -> z = mu (32,) ->
+C([z, h]) -> action -> env.step; then M.advance(z, action) updates h.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models import load_mdnrnn, load_vision
+from models.controller import LinearController
+from utils.config import EnvConfig, RolloutsConfig
+from utils.envs import RandomPolicy, frames_to_tensor, make_env, preprocess_frame
+from utils.io import episode_path, save_npz
+
+
+# ---------------------------------------------------------------- stage 01: random rollouts
+
+
+def record_random_episode(env, env_cfg: EnvConfig, ro_cfg: RolloutsConfig, seed: int) -> dict[str, np.ndarray]:
+    """Play one episode with the random policy; return the arrays of the rollout npz contract.
+
+    obs uint8 (T, S, S, 3) is the frame seen *before* actions[t]; actions float32
+    (T, A); rewards float32 (T,) received for actions[t]; terminated, truncated
+    bool (T,); seed int64.
+    """
+    obs, _ = env.reset(seed=seed)
+    env.action_space.seed(seed)
+    policy = RandomPolicy(ro_cfg.policy, env.action_space, np.random.default_rng(seed), ro_cfg.brownian_dt)
+    max_steps = ro_cfg.max_steps or env_cfg.max_episode_steps
+    frames, actions, rewards, terms, truncs = [], [], [], [], []
+    for t in range(max_steps):
+        frames.append(preprocess_frame(obs, env_cfg))
+        action = policy()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        truncated = truncated or t == max_steps - 1
+        actions.append(action)
+        rewards.append(reward)
+        terms.append(terminated)
+        truncs.append(truncated and not terminated)
+        if terminated or truncated:
+            break
+    return {
+        "obs": np.stack(frames).astype(np.uint8),
+        "actions": np.stack(actions).astype(np.float32),
+        "rewards": np.asarray(rewards, dtype=np.float32),
+        "terminated": np.asarray(terms, dtype=bool),
+        "truncated": np.asarray(truncs, dtype=bool),
+        "seed": np.int64(seed),
+    }
+
+
+def init_rollout_worker(env_cfg: EnvConfig, ro_cfg: RolloutsConfig, out_dir: str) -> dict:
+    return {"env": make_env(env_cfg), "env_cfg": env_cfg, "ro_cfg": ro_cfg, "out_dir": out_dir}
+
+
+def rollout_task(state: dict, task: tuple[int, int]) -> dict:
+    """Record episode `index` with env seed `seed` and write it atomically; return its stats."""
+    index, seed = task
+    start = time.perf_counter()
+    episode = record_random_episode(state["env"], state["env_cfg"], state["ro_cfg"], seed)
+    save_npz(episode_path(state["out_dir"], index), **episode)
+    return {
+        "index": index,
+        "steps": len(episode["actions"]),
+        "return": float(episode["rewards"].sum()),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# ---------------------------------------------------------------- stages 05 and 06: the agent
+
+
+class Agent:
+    """V, M and C acting together in the real env, one frame at a time (no gradients)."""
+
+    def __init__(self, vision, mdnrnn, controller: LinearController, env_cfg: EnvConfig):
+        self.vision, self.mdnrnn, self.controller, self.env_cfg = vision, mdnrnn, controller, env_cfg
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = self.mdnrnn.initial_state(1)
+
+    @torch.inference_mode()
+    def act(self, obs: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """uint8 env observation -> (float32 action (A,) in bounds, z (1, D)); advances M's state."""
+        x = frames_to_tensor(preprocess_frame(obs, self.env_cfg)[None])  # (1, 3, S, S)
+        z, _ = self.vision.encode(x)  # (1, D): the posterior mean
+        action = self.controller(z, self.state[0][0])  # (1, A)
+        self.state = self.mdnrnn.advance(z, action, self.state)
+        return action[0].numpy(), z
+
+
+@dataclass
+class EpisodeResult:
+    ret: float
+    steps: int
+    early_stopped: bool
+    frames: list = field(default_factory=list)  # uint8 (S, S, 3) frames, when recorded
+
+
+def run_agent_episode(
+    env, agent: Agent, seed: int, max_steps: int = 0, early_stop_steps: int = 0, record: bool = False
+) -> EpisodeResult:
+    """One episode of the agent on env seed `seed`.
+
+    early_stop_steps k > 0 ends the episode after k steps without a new best
+    cumulative return (a car stuck on the grass only loses 0.1 per step); use it
+    for training only, never for evaluation.
+    """
+    obs, _ = env.reset(seed=seed)
+    agent.reset()
+    max_steps = max_steps or env.spec.max_episode_steps
+    total, best, since_best, frames = 0.0, -np.inf, 0, []
+    for t in range(max_steps):
+        if record:
+            frames.append(preprocess_frame(obs, agent.env_cfg))
+        action, _ = agent.act(obs)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total += float(reward)
+        if total > best:
+            best, since_best = total, 0
+        else:
+            since_best += 1
+        if terminated or truncated:
+            return EpisodeResult(total, t + 1, False, frames)
+        if early_stop_steps and since_best >= early_stop_steps:
+            return EpisodeResult(total, t + 1, True, frames)
+    return EpisodeResult(total, max_steps, False, frames)
+
+
+def init_agent_worker(vision_path: str, mdnrnn_path: str, env_cfg: EnvConfig, threads: int = 1) -> dict:
+    """Worker state for stages 05 and 06: an env plus V, M and an empty C."""
+    torch.set_num_threads(threads)
+    vision, _ = load_vision(vision_path)
+    mdnrnn, _ = load_mdnrnn(mdnrnn_path)
+    env = make_env(env_cfg)
+    controller = LinearController(
+        vision.z_dim + mdnrnn.hidden, env.action_space.low, env.action_space.high
+    )
+    return {"env": env, "agent": Agent(vision, mdnrnn, controller, env_cfg)}
+
+
+def agent_task(state: dict, task: dict) -> dict:
+    """task: {params, seed, max_steps, early_stop_steps} -> {return, steps, early_stopped, seed}."""
+    agent: Agent = state["agent"]
+    agent.controller.set_params(task["params"])
+    result = run_agent_episode(
+        state["env"], agent, task["seed"], task.get("max_steps", 0), task.get("early_stop_steps", 0)
+    )
+    return {"return": result.ret, "steps": result.steps, "early_stopped": result.early_stopped, "seed": task["seed"]}

@@ -1,0 +1,242 @@
+"""Training loops of V (stage 02) and M (stage 04): resumable, logged, NaN-safe.
+
+Both loops keep two checkpoints in their stage folder, `latest.pt` (written
+after every epoch, with the optimizer, to resume) and `best.pt` (lowest
+held-out loss), plus `train_log.jsonl` with one line per epoch. Rerunning the
+stage resumes from `latest.pt` until the configured number of epochs is done.
+An update whose loss or gradient norm is not finite is skipped and counted
+(as in VDVAE), so NaN never reaches a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import build_vision, vision_checkpoint
+from models.mdnrnn import MDNRNN, mdnrnn_loss
+from utils.config import Config, config_to_dict
+from utils.data import LatentWindows, iterate_frame_batches, sample_frames
+from utils.envs import frames_to_tensor
+from utils.errors import UserError
+from utils.io import load_checkpoint, save_text, save_torch
+
+
+def guarded_step(loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, grad_clip: float) -> bool:
+    """Backward, clip and step; return False (and skip the update) when loss or grad norm is not finite."""
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
+def _write_log(path: str, history: list[dict]) -> None:
+    save_text(path, "".join(json.dumps(row) + "\n" for row in history))
+
+
+def _resume(latest: str, kind: str, model: torch.nn.Module, optimizer) -> tuple[int, list[dict], float]:
+    """Restore model and optimizer from `latest`; return (next epoch, history, best held-out loss)."""
+    if not os.path.exists(latest):
+        return 0, [], math.inf
+    ckpt = load_checkpoint(latest, kind)
+    if ckpt["hparams"] != model.hparams():
+        raise UserError(
+            f"{latest}: saved with {ckpt['hparams']}, the config asks for {model.hparams()}; "
+            "use another run_dir or delete the folder to start over"
+        )
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    history = ckpt["history"]
+    best = min((row["val_loss"] for row in history), default=math.inf)
+    return ckpt["epoch"], history, best
+
+
+def _epoch_loop(
+    name: str,
+    epochs: int,
+    start_epoch: int,
+    history: list[dict],
+    best: float,
+    run_epoch: Callable[[int], dict],
+    evaluate: Callable[[], dict],
+    save: Callable[[str, int, list[dict]], None],
+    out_dir: str,
+) -> list[dict]:
+    """The epoch loop both trainers share: train, evaluate, log, checkpoint (latest and best)."""
+    if start_epoch >= epochs:
+        tqdm.write(f"[{name}] already trained for {start_epoch} epochs (config: {epochs}); nothing to do")
+    elif start_epoch:
+        tqdm.write(f"[{name}] resuming at epoch {start_epoch + 1}/{epochs} from {out_dir}/latest.pt")
+    for epoch in range(start_epoch, epochs):
+        start = time.perf_counter()
+        row = {"epoch": epoch + 1, **run_epoch(epoch)}
+        row.update({f"val_{k}": v for k, v in evaluate().items()})
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        history.append(row)
+        improved = row["val_loss"] < best
+        if improved:
+            best = row["val_loss"]
+            save(os.path.join(out_dir, "best.pt"), epoch + 1, history)
+        save(os.path.join(out_dir, "latest.pt"), epoch + 1, history)
+        _write_log(os.path.join(out_dir, "train_log.jsonl"), history)
+        shown = {k: v for k, v in row.items() if k not in ("epoch", "seconds")}
+        tqdm.write(
+            f"[{name}] epoch {epoch + 1}/{epochs} "
+            + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+            + f" ({row['seconds']:.0f} s){' *best' if improved else ''}"
+        )
+    return history
+
+
+# ---------------------------------------------------------------- V
+
+
+@torch.no_grad()
+def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256) -> dict:
+    """Mean loss terms (nats/image) and MSE of decode(mu) over uint8 frames (N, S, S, 3)."""
+    model.eval()
+    sums: dict[str, float] = {}
+    for b in range(0, len(frames), batch_size):
+        x = frames_to_tensor(frames[b : b + batch_size])
+        terms = model.loss(x)
+        terms["mse"] = (model.reconstruct(x) - x).pow(2).mean()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.item() * len(x)
+    return {k: v / len(frames) for k, v in sums.items()}
+
+
+def train_vision(cfg: Config, train_files: list[str], val_files: list[str], out_dir: str) -> list[dict]:
+    """Train V of kind cfg.vision.kind on the frames of `train_files`; see the module docstring."""
+    vc = cfg.vision
+    torch.set_num_threads(vc.workers)
+    model = build_vision(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=vc.lr)
+    start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model.kind, model, optimizer)
+    val_frames = sample_frames(val_files, vc.val_frames, cfg.seed)
+    split = {"train": [os.path.basename(f) for f in train_files], "held_out": [os.path.basename(f) for f in val_files]}
+
+    def run_epoch(epoch: int) -> dict:
+        model.train()
+        rng = np.random.default_rng([cfg.seed, epoch])
+        sums, n_batches, skipped, images = {}, 0, 0, 0
+        start = time.perf_counter()
+        bar = tqdm(desc=f"02 epoch {epoch + 1}", unit="img", leave=False, disable=None)
+        for frames in iterate_frame_batches(train_files, vc.batch_size, vc.chunk_episodes, rng):
+            terms = model.loss(frames_to_tensor(frames))
+            if not guarded_step(terms["loss"], model.parameters(), optimizer, vc.grad_clip):
+                skipped += 1
+                continue
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            n_batches += 1
+            images += len(frames)
+            bar.update(len(frames))
+            bar.set_postfix(loss=f"{terms['loss'].item():.1f}")
+        bar.close()
+        row = {k: v / max(1, n_batches) for k, v in sums.items()}
+        row.update(skipped_updates=skipped, images_per_s=round(images / (time.perf_counter() - start), 1))
+        return row
+
+    def save(path: str, epoch: int, hist: list[dict]) -> None:
+        save_torch(
+            path,
+            vision_checkpoint(
+                model,
+                config=config_to_dict(cfg),
+                optimizer=optimizer.state_dict(),
+                epoch=epoch,
+                step=epoch,
+                metrics=hist[-1],
+                history=hist,
+                split=split,
+            ),
+        )
+
+    evaluate = lambda: evaluate_vision(model, val_frames)  # noqa: E731
+    return _epoch_loop("02", vc.epochs, start_epoch, history, best, run_epoch, evaluate, save, out_dir)
+
+
+# ---------------------------------------------------------------- M
+
+
+def _latent_batch_loss(model: MDNRNN, data: LatentWindows, pairs, cfg: Config, gen: torch.Generator) -> dict:
+    """Sample z from the stored posteriors (mu, logvar) and compute the masked loss on windows `pairs`."""
+    b = {k: torch.from_numpy(v) for k, v in data.batch(pairs).items()}
+    z = b["mu"] + torch.randn(b["mu"].shape, generator=gen) * (0.5 * b["logvar"]).exp()
+    mc = cfg.mdnrnn
+    return mdnrnn_loss(
+        model, z, b["actions"], b["rewards"], b["done"], b["next_valid"], b["step_valid"], mc.reward_weight, mc.done_weight
+    )
+
+
+def train_mdnrnn(cfg: Config, train_files: list[str], val_files: list[str], z_dim: int, action_dim: int, out_dir: str) -> list[dict]:
+    """Train M on windows of z sampled from the latents of `train_files`; see the module docstring."""
+    mc = cfg.mdnrnn
+    torch.set_num_threads(mc.workers)
+    model = MDNRNN(z_dim, action_dim, mc.hidden, mc.gaussians, mc.min_log_sigma, mc.max_log_sigma)
+    optimizer = torch.optim.Adam(model.parameters(), lr=mc.lr)
+    start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model.kind, model, optimizer)
+    train_data, val_data = LatentWindows(train_files, mc.seq_len), LatentWindows(val_files, mc.seq_len)
+
+    def run_epoch(epoch: int) -> dict:
+        model.train()
+        rng = np.random.default_rng([cfg.seed, epoch])
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        pairs = train_data.windows(rng)
+        order = rng.permutation(len(pairs))
+        sums, n_batches, skipped = {}, 0, 0
+        for b in tqdm(range(0, len(order), mc.batch_size), desc=f"04 epoch {epoch + 1}", leave=False, disable=None):
+            terms = _latent_batch_loss(model, train_data, [pairs[i] for i in order[b : b + mc.batch_size]], cfg, gen)
+            if not guarded_step(terms["loss"], model.parameters(), optimizer, mc.grad_clip):
+                skipped += 1
+                continue
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            n_batches += 1
+        row = {k: v / max(1, n_batches) for k, v in sums.items()}
+        row["skipped_updates"] = skipped
+        return row
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        pairs = val_data.windows(None)
+        sums, n = {}, 0
+        for b in range(0, len(pairs), mc.batch_size):
+            chunk = pairs[b : b + mc.batch_size]
+            for k, v in _latent_batch_loss(model, val_data, chunk, cfg, gen).items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(chunk)
+            n += len(chunk)
+        return {k: v / max(1, n) for k, v in sums.items()}
+
+    def save(path: str, epoch: int, hist: list[dict]) -> None:
+        save_torch(
+            path,
+            {
+                "kind": model.kind,
+                "hparams": model.hparams(),
+                "state_dict": model.state_dict(),
+                "config": config_to_dict(cfg),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "step": epoch,
+                "metrics": hist[-1],
+                "history": hist,
+            },
+        )
+
+    return _epoch_loop("04", mc.epochs, start_epoch, history, best, run_epoch, evaluate, save, out_dir)
