@@ -32,6 +32,7 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.basename(path), dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; artifacts are meant to be shared
     try:
         yield tmp
         os.replace(tmp, path)
