@@ -60,7 +60,7 @@ class _Worker:
         self.proc.start()
         child.close()
         self.task: int | None = None  # index of the running task
-        self.started = 0.0
+        self.started = time.monotonic()  # start of the process, then of its current task
         self.ready = False
 
     def kill(self) -> None:
@@ -163,8 +163,6 @@ class WorkerPool:
 
     def _dispatch(self, pending: list[int], tasks: list[Any]) -> None:
         for w in self.workers:
-            if not w.started:
-                w.started = time.monotonic()  # for the start-up timeout
             if w.ready and w.task is None and pending:
                 index = pending.pop()
                 w.conn.send((index, tasks[index]))

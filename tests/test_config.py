@@ -1,0 +1,70 @@
+"""The typed config: strict keys, types, overrides, and clear errors naming the file and key."""
+
+import pytest
+import yaml
+
+from utils.config import Config, config_from_dict, dump_config, load_config
+from utils.errors import UserError
+
+
+def write(tmp_path, data):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_and_shipped_configs_load():
+    for name in ("smoke", "carracing_vae", "carracing_vae_paper"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert isinstance(cfg, Config)
+        assert cfg.vision.kind == "vae" and cfg.env.id == "CarRacing-v3"
+    assert load_config("configs/carracing_vae_paper.yaml").rollouts.episodes == 10_000
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = write(tmp_path, {"vision": {"z_dimm": 32}})
+    with pytest.raises(UserError, match=r"exp.yaml: unknown key 'vision.z_dimm'"):
+        load_config(path)
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'visoin'"):
+        load_config(write(tmp_path, {"visoin": {"z_dim": 32}}))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"key 'vision.epochs': expected int, got 'ten'"):
+        load_config(write(tmp_path, {"vision": {"epochs": "ten"}}))
+
+
+def test_bad_choice_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"key 'rollouts.policy': expected one of"):
+        load_config(write(tmp_path, {"rollouts": {"policy": "brownain"}}))
+
+
+def test_missing_file():
+    with pytest.raises(UserError, match=r"nope.yaml: config file not found"):
+        load_config("nope.yaml")
+
+
+def test_overrides_typed_and_checked(tmp_path):
+    path = write(tmp_path, {"vision": {"z_dim": 32}})
+    cfg = load_config(path, ["vision.z_dim=16", "controller.sigma0=1", "env.crop_dashboard=true"])
+    assert cfg.vision.z_dim == 16
+    assert cfg.controller.sigma0 == 1.0 and isinstance(cfg.controller.sigma0, float)
+    assert cfg.env.crop_dashboard is True
+    with pytest.raises(UserError, match=r"unknown key 'controller.popsiz'"):
+        load_config(path, ["controller.popsiz=8"])
+    with pytest.raises(UserError, match=r"expected section.key=value"):
+        load_config(path, ["controller.popsize"])
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(UserError, match="expected int"):
+        config_from_dict({"seed": True})
+
+
+def test_resolved_config_round_trips():
+    cfg = config_from_dict({"vision": {"z_dim": 12}}, overrides=["seed=5"])
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
