@@ -11,7 +11,6 @@ same checkpoint (same sha256) is skipped.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 
@@ -24,17 +23,9 @@ from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
 from utils.envs import frames_to_tensor
 from utils.errors import UserError
-from utils.io import list_episodes, load_episode, save_npz, write_manifest
+from utils.io import file_sha256, list_episodes, load_episode, save_npz, write_manifest
 
 EPISODE_KEYS = ("obs", "actions", "rewards", "terminated", "truncated")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
 from utils.data import LATENT_KEYS, split_episodes
 from utils.errors import UserError
-from utils.io import check_episodes, list_episodes, read_manifest, write_manifest
+from utils.io import check_episodes, list_episodes, load_episode, read_manifest, write_manifest
 from utils.seeding import seed_everything
 from utils.training import train_mdnrnn
 
@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     latents, out_dir = stage_dir(cfg, "latents"), stage_dir(cfg, "mdnrnn")
     files = list_episodes(latents, "latents")
     check_episodes(files, LATENT_KEYS[2:])
-    sizes = read_manifest(latents)["metrics"]
+    manifest = read_manifest(latents)
+    sizes, sha = manifest["metrics"], manifest["inputs"]["vision_sha256"]
+    for f in files:  # every episode must come from the V the manifest names, else z means different things
+        if str(load_episode(f, ("vision_sha256",))["vision_sha256"]) != sha:
+            raise UserError(f"{f}: encoded by another vision checkpoint than {latents}/manifest.json names; rerun 03")
     train, held = split_episodes(files, cfg.mdnrnn.holdout_fraction, cfg.seed)
     if not held:
         raise UserError(f"{latents}: need at least 2 episodes to hold one out (found {len(files)})")

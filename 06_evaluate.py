@@ -13,7 +13,6 @@ reconstructions).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -27,7 +26,8 @@ from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
 from utils.data import sample_frames
 from utils.envs import frames_to_tensor, make_env
-from utils.io import atomic_path, load_checkpoint, save_json, save_text, write_manifest
+from utils.errors import UserError
+from utils.io import atomic_path, load_checkpoint, read_manifest, save_json, save_text, write_manifest
 from utils.parallel import WorkerPool
 from utils.rollout import Agent, agent_task, init_agent_worker, run_agent_episode
 from utils.seeding import env_seed
@@ -66,10 +66,8 @@ def budget_summary(cfg) -> dict:
     """What each upstream stage cost, read from the manifests (missing ones are skipped)."""
     out = {}
     for name in ("rollouts", "vision", "latents", "mdnrnn", "controller"):
-        path = os.path.join(stage_dir(cfg, name), "manifest.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                m = json.load(f)
+        if os.path.isfile(os.path.join(stage_dir(cfg, name), "manifest.json")):
+            m = read_manifest(stage_dir(cfg, name))
             out[name] = {"wall_s": m["wall_s"], **{k: v for k, v in m["metrics"].items() if not isinstance(v, dict)}}
     return out
 
@@ -87,22 +85,27 @@ def write_report(path: str, cfg, scores: dict, budget: dict, media: dict) -> Non
         f"| {cfg.env.id} | {scores['episodes']} | {scores['mean']:.1f} +- {scores['std']:.1f} | "
         f"{scores['min']:.1f} | {scores['max']:.1f} | {scores['params']} (generation {scores['params_generation']}) |",
         "",
-        f"Evaluation seeds {scores['seeds'][0]}..{scores['seeds'][-1]} are disjoint from every training seed.",
+        f"Evaluation seeds {scores['seeds'][0]}..{scores['seeds'][-1]} are disjoint from every training seed "
+        "(the `best` parameters were picked on the CMA-ES held-out tracks, which are not these either).",
         "",
         "## Budget",
         "",
         "| stage | wall time (s) | size |",
         "| --- | --- | --- |",
     ]
+    # What actually ran, from the manifests (a wall-time limit can stop 05 before controller.generations).
     sizes = {
-        "rollouts": f"{r.episodes} random-policy episodes ({r.policy})",
-        "vision": f"{cfg.vision.epochs} epochs",
-        "latents": "",
-        "mdnrnn": f"{cfg.mdnrnn.epochs} epochs",
-        "controller": f"{c.generations} generations x {c.popsize} candidates x {c.rollouts_per_candidate} rollouts",
+        "rollouts": lambda b: f"{b.get('episodes_on_disk')} random-policy episodes ({r.policy})",
+        "vision": lambda b: f"{b.get('epochs')} epochs (best: {b.get('best_epoch')})",
+        "latents": lambda b: f"{b.get('episodes')} episodes",
+        "mdnrnn": lambda b: f"{b.get('epochs')} epochs (best: {b.get('best_epoch')})",
+        "controller": lambda b: f"{b.get('generations')} generations x {c.popsize} candidates x "
+        f"{c.rollouts_per_candidate} rollouts, {b.get('env_steps')} env steps",
     }
     for name, b in budget.items():
-        lines.append(f"| {name} | {b['wall_s']:.0f} | {sizes[name]} |")
+        lines.append(f"| {name} | {b['wall_s']:.0f} | {sizes[name](b)} |")
+    total = sum(b["wall_s"] for name, b in budget.items())
+    lines.append(f"| total 01-05 | {total:.0f} ({total / 60:.1f} min) | |")
     lines += ["", "## Media", ""]
     for title, rel in media.items():
         lines.append(f"![{title}]({rel})")
@@ -123,9 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     controller_path = args.controller or os.path.join(stage_dir(cfg, "controller"), "controller.pt")
     ckpt = load_checkpoint(controller_path, "controller")
     vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
+    if ckpt["hparams"]["in_dim"] != vision.z_dim + mdnrnn.hidden:
+        raise UserError(
+            f"{controller_path}: controller takes {ckpt['hparams']['in_dim']} inputs, but V and M give "
+            f"z_dim + hidden = {vision.z_dim} + {mdnrnn.hidden}"
+        )
     controller = LinearController(**ckpt["hparams"])
     params = ckpt["params_best"] if ec.params == "best" else ckpt["params_mean"]
-    controller.set_params(params)  # raises ValueError on a size mismatch: checked here, before the workers start
+    controller.set_params(params)
     out_dir = stage_dir(cfg, "eval")
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()

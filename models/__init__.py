@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 
 from models.mdnrnn import MDNRNN
+from models.nvae import NVAE
 from models.vae import ConvVAE
 from utils.config import Config
 from utils.errors import UserError
 from utils.io import load_checkpoint
 
-VISION_KINDS = {"vae": ConvVAE}
+VISION_KINDS = {"vae": ConvVAE, "nvae": NVAE}
 
 
 def build_vision(cfg: Config) -> torch.nn.Module:
@@ -32,6 +33,21 @@ def build_vision(cfg: Config) -> torch.nn.Module:
                 likelihood=v.likelihood,
                 obs_std=v.obs_std,
                 kl_tolerance=v.kl_tolerance,
+            )
+        if v.kind == "nvae":
+            n = v.nvae
+            return NVAE(
+                z_dim=v.z_dim,
+                frame_size=cfg.env.frame_size,
+                channels=n.channels,
+                preprocess_blocks=n.preprocess_blocks,
+                latent_scales=n.latent_scales,
+                groups_per_scale=n.groups_per_scale,
+                latent_channels=n.latent_channels,
+                cells_per_group=n.cells_per_group,
+                num_flows=n.num_flows,
+                likelihood=v.likelihood,
+                obs_std=v.obs_std,
             )
     except ValueError as exc:
         raise UserError(f"vision.kind={v.kind}: {exc}") from None

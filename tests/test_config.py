@@ -68,3 +68,17 @@ def test_resolved_config_round_trips():
     cfg = config_from_dict({"vision": {"z_dim": 12}}, overrides=["seed=5"])
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+def test_ranges_and_shapes_are_checked(tmp_path):
+    with pytest.raises(UserError, match=r"key 'controller.eval_every': expected a value > 0, got 0"):
+        load_config(write(tmp_path, {"controller": {"eval_every": 0}}))
+    with pytest.raises(UserError, match=r"key 'vision.holdout_fraction': expected a fraction"):
+        load_config(write(tmp_path, {"vision": {"holdout_fraction": 1.5}}))
+    with pytest.raises(UserError, match="expected a mapping of sections at the top, got list"):
+        load_config(write(tmp_path, [1, 2]))
+    assert load_config(write(tmp_path, {"vision": {"lr": "1e-3"}})).vision.lr == 1e-3  # YAML reads 1e-3 as a string
+    cfg = load_config(write(tmp_path, {"vision": {"kind": "nvae", "nvae": {"channels": 16}}}))
+    assert cfg.vision.nvae.channels == 16
+    with pytest.raises(UserError, match=r"unknown key 'vision.nvae.chanels'"):
+        load_config(write(tmp_path, {"vision": {"nvae": {"chanels": 16}}}))

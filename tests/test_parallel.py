@@ -73,3 +73,20 @@ def test_exception_in_task_is_raised_with_traceback(tmp_path):
     with WorkerPool(1, init_state, (str(tmp_path),), raise_error) as pool:
         with pytest.raises(WorkerError, match="ValueError: bad task 5"):
             pool.map([5])
+
+
+def die_after_result(state, x):
+    """Send the result, then die while idle (as an OOM kill between generations would)."""
+    import threading
+
+    if x == 0:
+        threading.Timer(0.2, os._exit, args=(1,)).start()
+    return x + 100
+
+
+def test_worker_that_dies_while_idle_is_replaced(tmp_path):
+    with WorkerPool(1, init_state, (str(tmp_path),), die_after_result, timeout_s=30) as pool:
+        assert pool.map([0]) == [100]
+        time.sleep(1.0)  # the worker is dead now; the next send must not crash the pool
+        assert pool.map([1, 2]) == [101, 102]
+        assert pool.restarts == 1

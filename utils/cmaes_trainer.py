@@ -27,7 +27,7 @@ from tqdm import tqdm
 from models.controller import LinearController
 from utils.config import Config, config_to_dict
 from utils.errors import UserError
-from utils.io import atomic_path, save_text, save_torch
+from utils.io import atomic_path, file_sha256, save_text, save_torch
 from utils.parallel import WorkerPool
 from utils.rollout import agent_task, init_agent_worker
 from utils.seeding import env_seed
@@ -97,6 +97,7 @@ class ControllerTrainer:
     def __init__(self, cfg: Config, vision_path: str, mdnrnn_path: str, in_dim: int, action_low, action_high, out_dir: str):
         self.cfg, self.out_dir = cfg, out_dir
         self.paths = {"vision": os.path.abspath(vision_path), "mdnrnn": os.path.abspath(mdnrnn_path)}
+        self.input_sha256 = {k: file_sha256(p) for k, p in self.paths.items()}
         self.controller = LinearController(in_dim, action_low, action_high)
         self.state_path = os.path.join(out_dir, "cmaes_state.pkl")
 
@@ -110,7 +111,8 @@ class ControllerTrainer:
             {"popsize": cc.popsize, "seed": self.cfg.seed + 1, "verbose": -9},
         )
         return {"es": es, "generation": 0, "history": [], "best": None, "np_random": np.random.get_state(),
-                "num_params": self.controller.num_params, "inputs": self.paths}
+                "num_params": self.controller.num_params, "inputs": self.paths,
+                "input_sha256": self.input_sha256}
 
     def load_or_create(self, overwrite: bool) -> dict:
         if overwrite or not os.path.exists(self.state_path):
@@ -124,6 +126,10 @@ class ControllerTrainer:
         if state.get("num_params") != self.controller.num_params:
             raise UserError(f"{self.state_path}: saved for {state.get('num_params')} controller parameters, "
                             f"V and M give {self.controller.num_params}; pass --overwrite to start over")
+        if state.get("input_sha256", self.input_sha256) != self.input_sha256:
+            changed = [k for k in self.input_sha256 if state["input_sha256"].get(k) != self.input_sha256[k]]
+            raise UserError(f"{self.state_path}: saved for another {' and '.join(changed)} checkpoint "
+                            f"({', '.join(self.paths[k] for k in changed)} changed since); pass --overwrite to start over")
         np.random.set_state(state["np_random"])
         return state
 
@@ -141,12 +147,21 @@ class ControllerTrainer:
         cfg, cc = self.cfg, self.cfg.controller
         state = self.load_or_create(overwrite)
         es = state["es"]
-        if state["generation"]:
+        budget_s = 60 * cc.max_wall_minutes
+        if state["history"]:  # a run killed between its state and its checkpoint leaves them out of step
+            _write_history(os.path.join(self.out_dir, "history.csv"), state["history"])
+            self._save_checkpoint(state)
+        if budget_s and state.get("elapsed_s", 0.0) >= budget_s:
+            tqdm.write(f"[05] controller.max_wall_minutes={cc.max_wall_minutes} already used by this run "
+                       f"({state['elapsed_s'] / 60:.1f} min over {state['generation']} generations); nothing to do")
+        elif state["generation"] >= cc.generations:
+            tqdm.write(f"[05] all {cc.generations} generations done; nothing to do")
+        elif state["generation"]:
             tqdm.write(f"[05] resuming at generation {state['generation'] + 1}/{cc.generations} from {self.state_path}")
         init_args = (self.paths["vision"], self.paths["mdnrnn"], cfg.env)
         with WorkerPool(cc.workers, init_agent_worker, init_args, agent_task, cc.worker_timeout_s, cc.max_retries) as pool:
             bar = tqdm(total=cc.generations, initial=state["generation"], desc="05 CMA-ES", unit="gen", disable=None)
-            while state["generation"] < cc.generations:
+            while state["generation"] < cc.generations and not (budget_s and state.get("elapsed_s", 0.0) >= budget_s):
                 g = state["generation"]
                 start = time.perf_counter()
                 candidates = es.ask()
@@ -161,7 +176,7 @@ class ControllerTrainer:
                     "early_stopped": int(sum(r["early_stopped"] for r in results)),
                 }
                 elapsed = state.get("elapsed_s", 0.0) + time.perf_counter() - start
-                out_of_time = cc.max_wall_minutes > 0 and elapsed > 60 * cc.max_wall_minutes
+                out_of_time = budget_s > 0 and elapsed >= budget_s
                 if (g + 1) % cc.eval_every == 0 or g + 1 == cc.generations or out_of_time:
                     mean_params = np.asarray(es.mean, dtype=np.float32)
                     held = np.array([r["return"] for r in self._evaluate(pool, [mean_params], heldout_seeds(cfg), False, "held-out")])

@@ -41,8 +41,22 @@ class RolloutsConfig:
 
 
 @dataclass
+class NVAEConfig:
+    channels: int = 8  # channels at full resolution; doubled at every halving
+    preprocess_blocks: int = 2  # stride-2 encoder cells before the first latent scale (mirrored in the decoder)
+    latent_scales: int = 3  # scales with latent groups; the top one is frame_size / 2^(preprocess_blocks + latent_scales - 1)
+    groups_per_scale: int = 2
+    latent_channels: int = 2  # channels of each latent group; z_dim = latent_channels * top_size^2
+    cells_per_group: int = 1  # residual cells per group, in the encoder and in the decoder
+    num_flows: int = 0  # normalizing flows in the posterior (not built yet: must be 0)
+    kl_warmup_fraction: float = 0.3  # KL weight rises linearly from 1e-4 to 1 over this fraction of updates
+    kl_balance: bool = True  # balance the KL of the groups during warm-up
+    spectral_lambda: float = 0.1  # weight of the spectral + BatchNorm regulariser
+
+
+@dataclass
 class VisionConfig:
-    kind: str = "vae"  # vae (Ha & Schmidhuber conv VAE); nvae comes with its own issue
+    kind: str = "vae"  # vae (Ha & Schmidhuber conv VAE) | nvae (Vahdat & Kautz hierarchical VAE)
     z_dim: int = 32  # size of the flat latent z that M and C see
     likelihood: str = "gaussian"  # gaussian (fixed obs_std) | bernoulli
     obs_std: float = 0.7071  # std of the gaussian likelihood; sqrt(1/2) makes -log p = sum sq. error + const
@@ -55,6 +69,7 @@ class VisionConfig:
     val_frames: int = 2048  # held-out frames used for the per-epoch validation ELBO
     chunk_episodes: int = 32  # episodes held in memory at once while shuffling frames
     workers: int = 2  # torch threads
+    nvae: NVAEConfig = field(default_factory=NVAEConfig)  # used when kind is nvae
 
 
 @dataclass
@@ -123,17 +138,44 @@ class Config:
 # Allowed values of string keys: a typo here is as bad as a typo in a key name.
 CHOICES = {
     "rollouts.policy": ("brownian", "uniform"),
-    "vision.kind": ("vae",),
+    "vision.kind": ("vae", "nvae"),
     "vision.likelihood": ("gaussian", "bernoulli"),
     "controller.env": ("real",),
     "evaluate.params": ("best", "mean"),
 }
 
 
+# Keys that must be positive (> 0) or non-negative (>= 0); a zero epoch count or batch
+# size would otherwise fail deep inside a stage.
+POSITIVE = (
+    "env.frame_size", "env.max_episode_steps", "rollouts.episodes", "rollouts.workers", "vision.z_dim",
+    "vision.epochs", "vision.batch_size", "vision.lr", "vision.obs_std", "vision.val_frames",
+    "vision.chunk_episodes", "vision.workers", "vision.nvae.channels", "vision.nvae.latent_scales",
+    "vision.nvae.groups_per_scale", "vision.nvae.latent_channels", "vision.nvae.cells_per_group",
+    "latents.batch_size", "mdnrnn.hidden", "mdnrnn.gaussians", "mdnrnn.seq_len", "mdnrnn.batch_size",
+    "mdnrnn.epochs", "mdnrnn.lr", "mdnrnn.workers", "controller.popsize", "controller.rollouts_per_candidate",
+    "controller.generations", "controller.sigma0", "controller.eval_every", "controller.eval_episodes",
+    "controller.workers", "controller.worker_timeout_s", "evaluate.episodes", "evaluate.workers",
+    "evaluate.gif_every", "evaluate.gif_max_frames",
+)
+NON_NEGATIVE = (
+    "seed", "rollouts.max_steps", "vision.kl_tolerance", "vision.nvae.preprocess_blocks", "vision.nvae.num_flows",
+    "vision.nvae.kl_warmup_fraction", "vision.nvae.spectral_lambda", "controller.max_steps",
+    "controller.early_stop_steps", "controller.max_retries", "controller.max_wall_minutes",
+    "evaluate.max_steps", "evaluate.recon_frames",
+)
+FRACTIONS = ("vision.holdout_fraction", "mdnrnn.holdout_fraction")
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Check `value` against the annotation `typ`; ints are accepted for floats."""
+    """Check `value` against the annotation `typ`; ints (and YAML's string '1e-3') are accepted for floats."""
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ in (int, float, str, bool):
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise UserError(f"{where}: expected {typ.__name__}, got {value!r}")
@@ -159,9 +201,16 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
             kwargs[key] = _build(typ, value, source, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, typ, where)
-            allowed = CHOICES.get(f"{prefix}{key}")
-            if allowed and kwargs[key] not in allowed:
+            dotted, v = f"{prefix}{key}", kwargs[key]
+            allowed = CHOICES.get(dotted)
+            if allowed and v not in allowed:
                 raise UserError(f"{where}: expected one of {allowed}, got {value!r}")
+            if dotted in POSITIVE and not v > 0:
+                raise UserError(f"{where}: expected a value > 0, got {value!r}")
+            if dotted in NON_NEGATIVE and not v >= 0:
+                raise UserError(f"{where}: expected a value >= 0, got {value!r}")
+            if dotted in FRACTIONS and not 0 <= v < 1:
+                raise UserError(f"{where}: expected a fraction in [0, 1), got {value!r}")
     return cls(**kwargs)
 
 
@@ -218,6 +267,8 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
             data = yaml.safe_load(f)
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
     return config_from_dict(data or {}, path, overrides)
 
 

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from utils.errors import UserError
 from utils.io import load_episode
 
 
@@ -79,6 +80,9 @@ class LatentWindows:
     def _load(self, path: str) -> dict[str, np.ndarray]:
         e = load_episode(path, LATENT_KEYS)
         T, L = len(e["actions"]), self.seq_len
+        lengths = {k: len(v) for k, v in e.items()}
+        if T < 1 or len(set(lengths.values())) != 1:
+            raise UserError(f"{path}: expected arrays of one length >= 1, got {lengths}")
         length = max(T, L)
         out = {
             "mu": np.zeros((length + 1, e["mu"].shape[1]), np.float32),

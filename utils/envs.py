@@ -45,7 +45,8 @@ def frames_to_tensor(frames: np.ndarray):
     """uint8 (B, H, W, 3) -> float32 torch tensor (B, 3, H, W) in [0, 1]."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (B, 3, H, W) view
+    return x.contiguous().float().div_(255.0)  # contiguous NCHW: channels-last strides make convs slow
 
 
 class RandomPolicy:

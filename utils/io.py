@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 import zipfile
+import zlib
 from typing import Any, Iterator
 
 import numpy as np
@@ -108,7 +109,7 @@ def load_episode(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
             return {k: data[k] for k in keys}
     except UserError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, zlib.error) as exc:
         raise UserError(f"{path}: corrupt or unreadable npz ({type(exc).__name__}: {exc})") from None
 
 
@@ -139,6 +140,17 @@ def load_checkpoint(path: str, kind: str | tuple[str, ...]) -> dict:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path}: checkpoint of kind {found!r}, expected one of {kinds}")
     return ckpt
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes: identifies the exact checkpoint an artifact was made from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def git_commit() -> str:
@@ -188,5 +200,8 @@ def read_manifest(stage_dir: str) -> dict:
     path = os.path.join(stage_dir, "manifest.json")
     if not os.path.isfile(path):
         raise UserError(f"{path}: manifest not found (the stage that writes {stage_dir} has not finished)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable manifest ({type(exc).__name__})") from None

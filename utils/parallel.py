@@ -20,6 +20,7 @@ started with the "spawn" method, which is safe with torch's thread pools).
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import time
 import traceback
 from multiprocessing.connection import wait
@@ -33,6 +34,7 @@ class WorkerError(RuntimeError):
 
 
 def _worker_main(conn, init_fn: Callable, init_args: tuple, task_fn: Callable) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         state = init_fn(*init_args)
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
@@ -162,15 +164,23 @@ class WorkerPool:
         return results
 
     def _dispatch(self, pending: list[int], tasks: list[Any]) -> None:
-        for w in self.workers:
+        for i, w in enumerate(self.workers):
             if w.ready and w.task is None and pending:
                 index = pending.pop()
-                w.conn.send((index, tasks[index]))
+                try:
+                    w.conn.send((index, tasks[index]))
+                except OSError:  # the worker died while idle: replace it, keep the task
+                    pending.append(index)
+                    self._replace(i)
+                    continue
                 w.task, w.started = index, time.monotonic()
 
     def _retry(self, i: int, index: int | None, pending: list[int], tries: list[int], why: str) -> None:
+        was_ready = self.workers[i].ready
         self._replace(i)
         if index is None:
+            if was_ready:  # died while idle, after a result: nothing to re-run
+                return
             self.start_failures += 1
             if self.start_failures > self.max_retries + len(self.workers):
                 raise WorkerError(f"workers keep dying while starting ({self.start_failures} times)")

@@ -22,11 +22,12 @@ from tqdm import tqdm
 
 from models import build_vision, vision_checkpoint
 from models.mdnrnn import MDNRNN, mdnrnn_loss
+from models.nvae import kl_warmup_coeff
 from utils.config import Config, config_to_dict
 from utils.data import LatentWindows, iterate_frame_batches, sample_frames
 from utils.envs import frames_to_tensor
 from utils.errors import UserError
-from utils.io import load_checkpoint, save_text, save_torch
+from utils.io import check_episodes, load_checkpoint, save_text, save_torch
 
 
 def guarded_step(loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, grad_clip: float) -> bool:
@@ -104,6 +105,23 @@ def _epoch_loop(
 # ---------------------------------------------------------------- V
 
 
+def vision_objective(model, x: torch.Tensor, cfg: Config, progress: float) -> dict[str, torch.Tensor]:
+    """Loss terms of V for one batch; `progress` in [0, 1] drives the NVAE's KL warm-up.
+
+    The conv VAE trains on its own loss (with free nats). The NVAE adds KL warm-up and
+    balancing and lambda times its spectral + BatchNorm regulariser (`reg`).
+    """
+    if model.kind != "nvae":
+        return model.loss(x)
+    nc = cfg.vision.nvae
+    kl_coeff = kl_warmup_coeff(progress, nc.kl_warmup_fraction)
+    terms = model.loss(x, kl_coeff=kl_coeff, kl_balance=nc.kl_balance)
+    terms["reg"] = model.regularization()
+    terms["loss"] = terms["loss"] + nc.spectral_lambda * terms["reg"]
+    terms["kl_coeff"] = torch.tensor(kl_coeff)
+    return terms
+
+
 @torch.no_grad()
 def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256) -> dict:
     """Mean loss terms (nats/image) and MSE of decode(mu) over uint8 frames (N, S, S, 3)."""
@@ -112,7 +130,9 @@ def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256) -> dict:
     for b in range(0, len(frames), batch_size):
         x = frames_to_tensor(frames[b : b + batch_size])
         terms = model.loss(x)
-        terms["mse"] = (model.reconstruct(x) - x).pow(2).mean()
+        terms["mse"] = (model.reconstruct(x) - x).pow(2).mean()  # from the flat z alone
+        if hasattr(model, "reconstruct_full"):  # hierarchical V: every group from the posterior
+            terms["mse_full"] = (model.reconstruct_full(x) - x).pow(2).mean()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(x)
     return {k: v / len(frames) for k, v in sums.items()}
@@ -127,6 +147,7 @@ def train_vision(cfg: Config, train_files: list[str], val_files: list[str], out_
     start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model.kind, model, optimizer)
     val_frames = sample_frames(val_files, vc.val_frames, cfg.seed)
     split = {"train": [os.path.basename(f) for f in train_files], "held_out": [os.path.basename(f) for f in val_files]}
+    n_train_frames = sum(check_episodes(train_files, ("actions",)))
 
     def run_epoch(epoch: int) -> dict:
         model.train()
@@ -135,7 +156,8 @@ def train_vision(cfg: Config, train_files: list[str], val_files: list[str], out_
         start = time.perf_counter()
         bar = tqdm(desc=f"02 epoch {epoch + 1}", unit="img", leave=False, disable=None)
         for frames in iterate_frame_batches(train_files, vc.batch_size, vc.chunk_episodes, rng):
-            terms = model.loss(frames_to_tensor(frames))
+            progress = (epoch + images / n_train_frames) / vc.epochs
+            terms = vision_objective(model, frames_to_tensor(frames), cfg, progress)
             if not guarded_step(terms["loss"], model.parameters(), optimizer, vc.grad_clip):
                 skipped += 1
                 continue
