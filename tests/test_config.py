@@ -14,10 +14,12 @@ def write(tmp_path, data):
 
 
 def test_defaults_and_shipped_configs_load():
-    for name in ("smoke", "carracing_vae", "carracing_vae_paper"):
+    from models import build_vision
+
+    for name in ("smoke", "carracing_vae", "carracing_vae_paper", "carracing_nvae"):
         cfg = load_config(f"configs/{name}.yaml")
-        assert isinstance(cfg, Config)
-        assert cfg.vision.kind == "vae" and cfg.env.id == "CarRacing-v3"
+        assert isinstance(cfg, Config) and cfg.env.id == "CarRacing-v3"
+        assert build_vision(cfg).z_dim == cfg.vision.z_dim == 32
     assert load_config("configs/carracing_vae_paper.yaml").rollouts.episodes == 10_000
 
 
