@@ -73,13 +73,13 @@ def plot_learning_curve(history: list[dict], path: str, title: str) -> None:
     mean = np.array([r["mean"] for r in history])
     std = np.array([r["std"] for r in history])
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(gens, [r["best"] for r in history], label="best candidate", color="tab:green")
-    ax.plot(gens, mean, label="population mean", color="tab:blue")
+    ax.plot(gens, [r["best"] for r in history], label="best candidate (training tracks)", color="tab:green")
+    ax.plot(gens, mean, label="population mean +- std (training tracks)", color="tab:blue")
     ax.fill_between(gens, mean - std, mean + std, color="tab:blue", alpha=0.2)
     held = [(r["generation"], r["heldout_mean"], r["heldout_std"]) for r in history if r.get("heldout_mean") is not None]
     if held:
         g, m, s = map(np.array, zip(*held))
-        ax.errorbar(g, m, yerr=s, fmt="o-", color="tab:red", capsize=3, label="CMA-ES mean, held-out tracks")
+        ax.errorbar(g, m, yerr=s, fmt="o-", color="tab:red", capsize=3, label="CMA-ES mean, held-out tracks (full episodes)")
     ax.set_xlabel("generation")
     ax.set_ylabel("return")
     ax.set_title(title)
@@ -205,8 +205,9 @@ class ControllerTrainer:
                     break
             bar.close()
         if state["history"]:
+            cap = f", training episodes <= {cc.max_steps} steps" if cc.max_steps else ""
             plot_learning_curve(state["history"], os.path.join(self.out_dir, "learning_curve.png"),
-                                f"CMA-ES on {cfg.env.id} ({cc.popsize} x {cc.rollouts_per_candidate} rollouts)")
+                                f"CMA-ES on {cfg.env.id} ({cc.popsize} x {cc.rollouts_per_candidate} rollouts{cap})")
         return state
 
     def _save_checkpoint(self, state: dict) -> None:
