@@ -145,7 +145,7 @@ def test_mdnrnn_round_trip_and_wrong_kind(tmp_path):
     loaded, _ = load_mdnrnn(path)
     z, a = torch.randn(1, 2, 8), torch.randn(1, 2, 3)
     torch.testing.assert_close(loaded(z, a)[0].mu, m(z, a)[0].mu)
-    with pytest.raises(UserError, match=r"m.pt: checkpoint of kind 'mdnrnn', expected one of \('vae',\)"):
+    with pytest.raises(UserError, match=r"m.pt: checkpoint of kind 'mdnrnn', expected one of \('vae', 'nvae'\)"):
         load_vision(path)
     vpath = str(tmp_path / "v.pt")
     save_torch(vpath, vision_checkpoint(ConvVAE(z_dim=4)))
