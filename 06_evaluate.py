@@ -39,7 +39,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 @torch.inference_mode()
-def save_episode_gif(path: str, vision, frames: list[np.ndarray], every: int, max_frames: int, scale: int = 3) -> int:
+def save_episode_gif(path: str, vision, frames: list[np.ndarray], every: int, max_frames: int, scale: int = 2) -> int:
     """GIF of [frame | decode(encode(frame))] for every `every`-th frame; returns the frame count."""
     picked = np.stack(frames[::every][:max_frames])
     recon = to_uint8(vision.reconstruct(frames_to_tensor(picked)))

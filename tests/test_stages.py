@@ -134,7 +134,7 @@ def test_06_evaluation(tiny_run):
     report = open(os.path.join(folder, "report.md")).read()
     assert f"{scores['mean']:.1f} +- {scores['std']:.1f}" in report
     gif = Image.open(os.path.join(folder, "episode.gif"))
-    assert gif.size == (2 * 64 * 3, 64 * 3) and gif.n_frames == 20
+    assert gif.size == (2 * 64 * 2, 64 * 2) and gif.n_frames == 20
     grid = Image.open(os.path.join(folder, "reconstructions.png"))
     assert grid.size == (4 * 64 * 2, 2 * 64 * 2)
     out = tiny_run["outputs"]["06_evaluate"].stdout
