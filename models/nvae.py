@@ -97,7 +97,8 @@ class DecoderCell(nn.Module):
     def __init__(self, c_in: int, c_out: int, upsample: bool = False, expand: int = 3):
         super().__init__()
         self.upsample = upsample
-        hidden = c_in * expand
+        hidden = c_out * expand  # of the output: an upsampling cell halves the channels, and its
+        # depthwise conv runs at the doubled resolution, the most expensive place on a CPU
         self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
         self.branch = nn.Sequential(
             bn(c_in), nn.Conv2d(c_in, hidden, 1),

@@ -86,3 +86,23 @@ def tiny_run(tmp_path_factory):
         assert_ok(proc)
         outputs[stage] = proc
     return {"config": config, "run_dir": str(run_dir), "outputs": outputs, "folder": str(folder)}
+
+
+NVAE_TINY = {
+    "kind": "nvae", "z_dim": 16, "epochs": 1, "batch_size": 16, "val_frames": 16, "workers": 1,
+    "nvae": {"channels": 4, "preprocess_blocks": 2, "latent_scales": 3, "groups_per_scale": 1, "latent_channels": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_nvae_run(tiny_run, tmp_path_factory):
+    """Stages 02-06 with vision.kind=nvae on the rollouts of `tiny_run`."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny_nvae")
+    run_dir = folder / "run"
+    shutil.copytree(os.path.join(tiny_run["run_dir"], "rollouts"), run_dir / "rollouts")
+    config = write_config(folder, run_dir, vision=NVAE_TINY, evaluate={"episodes": 2, "max_steps": 30})
+    for stage in STAGES[1:]:
+        assert_ok(run_script(stage, config))
+    return {"config": config, "run_dir": str(run_dir)}

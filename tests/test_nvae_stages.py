@@ -1,34 +1,40 @@
-"""Stages 02-06 with vision.kind=nvae on a tiny budget, on the rollouts of the tiny VAE run."""
+"""Stages 02-06 with vision.kind=nvae on a tiny budget, and the vision comparison script."""
 
 import json
 import os
-import shutil
+import subprocess
+import sys
 
 import numpy as np
 
-from conftest import assert_ok, run_script, write_config
+from conftest import ROOT
 from models import load_vision
 from models.nvae import NVAE
 
-NVAE_TINY = {
-    "kind": "nvae", "z_dim": 16, "epochs": 1, "batch_size": 16, "val_frames": 16, "workers": 1,
-    "nvae": {"channels": 4, "preprocess_blocks": 2, "latent_scales": 3, "groups_per_scale": 1, "latent_channels": 1},
-}
 
-
-def test_stages_end_to_end_with_nvae(tiny_run, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(os.path.join(tiny_run["run_dir"], "rollouts"), run_dir / "rollouts")
-    config = write_config(tmp_path, run_dir, vision=NVAE_TINY, evaluate={"episodes": 2, "max_steps": 30})
-    for stage in ("02_train_nvae", "03_encode_latents", "04_train_mdnrnn", "05_train_controller", "06_evaluate"):
-        assert_ok(run_script(stage, config))
-    vision, ckpt = load_vision(str(run_dir / "vision" / "best.pt"))
+def test_stages_end_to_end_with_nvae(tiny_nvae_run):
+    run_dir = tiny_nvae_run["run_dir"]
+    vision, ckpt = load_vision(os.path.join(run_dir, "vision", "best.pt"))
     assert isinstance(vision, NVAE) and ckpt["kind"] == "nvae"
-    log = [json.loads(line) for line in open(run_dir / "vision" / "train_log.jsonl")]
+    log = [json.loads(line) for line in open(os.path.join(run_dir, "vision", "train_log.jsonl"))]
     assert {"kl_group0", "kl_group2", "reg", "kl_coeff", "val_mse_full"} <= set(log[0])
-    assert np.isfinite(log[0]["val_neg_elbo"])
-    with np.load(run_dir / "latents" / "episode_00000.npz") as lat:
+    assert np.isfinite(log[0]["val_neg_elbo"]) and log[0]["skipped_updates"] == 0
+    with np.load(os.path.join(run_dir, "latents", "episode_00000.npz")) as lat:
         assert lat["mu"].shape == (40, 16)
-    scores = json.load(open(run_dir / "eval" / "scores.json"))
+    scores = json.load(open(os.path.join(run_dir, "eval", "scores.json")))
     assert len(scores["returns"]) == 2
-    assert os.path.exists(run_dir / "eval" / "episode.gif")
+    assert os.path.exists(os.path.join(run_dir, "eval", "episode.gif"))
+
+
+def test_compare_vision_prints_both_rows(tiny_run, tiny_nvae_run):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "compare_vision.py"),
+         tiny_run["run_dir"], tiny_nvae_run["run_dir"], "--frames", "24"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "/run" in line]
+    assert len(rows) == 2 and "| vae | 8 |" in rows[0] and "| nvae | 16 |" in rows[1]
+    scores = json.load(open(os.path.join(tiny_nvae_run["run_dir"], "eval", "scores.json")))
+    assert f"{scores['mean']:.1f} +- {scores['std']:.1f}" in rows[1]
+    assert "Held-out frames: 24" in proc.stdout
