@@ -27,6 +27,7 @@ STAGE_DIRS = {
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every stage takes: --config FILE and --set section.key=value ..."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="experiment YAML file (see configs/)")
     parser.add_argument(
@@ -36,10 +37,12 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def load_stage_config(args: argparse.Namespace) -> Config:
+    """The validated config of --config with --set applied (UserError on any bad key)."""
     return load_config(args.config, args.set)
 
 
 def stage_dir(cfg: Config, name: str) -> str:
+    """<run_dir>/<stage folder> for a stage name of STAGE_DIRS."""
     return os.path.join(cfg.run_dir, STAGE_DIRS[name])
 
 

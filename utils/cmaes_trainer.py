@@ -39,10 +39,12 @@ HISTORY_FIELDS = [
 
 
 def heldout_seeds(cfg: Config) -> list[int]:
+    """The fixed tracks on which the CMA-ES mean is re-evaluated during training."""
     return [env_seed(cfg.seed, "controller_holdout", i) for i in range(cfg.controller.eval_episodes)]
 
 
 def generation_seeds(cfg: Config, generation: int) -> list[int]:
+    """The tracks every candidate of `generation` (0-based) plays: new ones each generation."""
     r = cfg.controller.rollouts_per_candidate
     return [env_seed(cfg.seed, "controller_train", generation * r + j) for j in range(r)]
 

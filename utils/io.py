@@ -50,6 +50,7 @@ def save_npz(path: str, **arrays: Any) -> None:
 
 
 def save_json(path: str, obj: Any) -> None:
+    """Write `obj` as indented JSON atomically (numpy scalars and arrays become numbers and lists)."""
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, default=_json_default)
@@ -57,12 +58,14 @@ def save_json(path: str, obj: Any) -> None:
 
 
 def save_text(path: str, text: str) -> None:
+    """Write a text file atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
 
 
 def save_torch(path: str, obj: Any) -> None:
+    """torch.save `obj` (a checkpoint dict) atomically."""
     import torch
 
     with atomic_path(path) as tmp:
@@ -78,6 +81,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def episode_path(folder: str, index: int) -> str:
+    """folder/episode_NNNNN.npz for episode `index` (zero-padded to 5 digits, so names sort in order)."""
     return os.path.join(folder, f"episode_{index:05d}.npz")
 
 
@@ -154,6 +158,7 @@ def file_sha256(path: str) -> str:
 
 
 def git_commit() -> str:
+    """HEAD commit of the project checkout, or "unknown" outside git."""
     try:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(
@@ -165,6 +170,7 @@ def git_commit() -> str:
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of python and the libraries whose behaviour shapes the results."""
     versions = {"python": platform.python_version()}
     for name in ("numpy", "torch", "gymnasium", "cma"):
         try:
@@ -197,6 +203,11 @@ def write_manifest(
 
 
 def read_manifest(stage_dir: str) -> dict:
+    """The manifest.json of a finished stage.
+
+    Raises:
+        UserError: missing or unreadable manifest (the stage has not finished).
+    """
     path = os.path.join(stage_dir, "manifest.json")
     if not os.path.isfile(path):
         raise UserError(f"{path}: manifest not found (the stage that writes {stage_dir} has not finished)")

@@ -57,6 +57,7 @@ def record_random_episode(env, env_cfg: EnvConfig, ro_cfg: RolloutsConfig, seed:
 
 
 def init_rollout_worker(env_cfg: EnvConfig, ro_cfg: RolloutsConfig, out_dir: str) -> dict:
+    """Worker state for stage 01: one env and where to write episodes."""
     return {"env": make_env(env_cfg), "env_cfg": env_cfg, "ro_cfg": ro_cfg, "out_dir": out_dir}
 
 

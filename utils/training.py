@@ -44,6 +44,12 @@ def guarded_step(loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, g
     return True
 
 
+def _accumulate(sums: dict[str, float], terms: dict[str, torch.Tensor], weight: float = 1.0) -> None:
+    """sums[name] += weight * term, for every scalar loss term."""
+    for k, v in terms.items():
+        sums[k] = sums.get(k, 0.0) + v.item() * weight
+
+
 def _write_log(path: str, history: list[dict]) -> None:
     save_text(path, "".join(json.dumps(row) + "\n" for row in history))
 
@@ -133,8 +139,7 @@ def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256) -> dict:
         terms["mse"] = (model.reconstruct(x) - x).pow(2).mean()  # from the flat z alone
         if hasattr(model, "reconstruct_full"):  # hierarchical V: every group from the posterior
             terms["mse_full"] = (model.reconstruct_full(x) - x).pow(2).mean()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.item() * len(x)
+        _accumulate(sums, terms, len(x))
     return {k: v / len(frames) for k, v in sums.items()}
 
 
@@ -161,8 +166,7 @@ def train_vision(cfg: Config, train_files: list[str], val_files: list[str], out_
             if not guarded_step(terms["loss"], model.parameters(), optimizer, vc.grad_clip):
                 skipped += 1
                 continue
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+            _accumulate(sums, terms)
             n_batches += 1
             images += len(frames)
             bar.update(len(frames))
@@ -225,8 +229,7 @@ def train_mdnrnn(cfg: Config, train_files: list[str], val_files: list[str], z_di
             if not guarded_step(terms["loss"], model.parameters(), optimizer, mc.grad_clip):
                 skipped += 1
                 continue
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+            _accumulate(sums, terms)
             n_batches += 1
         row = {k: v / max(1, n_batches) for k, v in sums.items()}
         row["skipped_updates"] = skipped
@@ -240,8 +243,7 @@ def train_mdnrnn(cfg: Config, train_files: list[str], val_files: list[str], z_di
         sums, n = {}, 0
         for b in range(0, len(pairs), mc.batch_size):
             chunk = pairs[b : b + mc.batch_size]
-            for k, v in _latent_batch_loss(model, val_data, chunk, cfg, gen).items():
-                sums[k] = sums.get(k, 0.0) + v.item() * len(chunk)
+            _accumulate(sums, _latent_batch_loss(model, val_data, chunk, cfg, gen), len(chunk))
             n += len(chunk)
         return {k: v / max(1, n) for k, v in sums.items()}
 
