@@ -48,6 +48,7 @@ def build_vision(cfg: Config) -> torch.nn.Module:
                 num_flows=n.num_flows,
                 likelihood=v.likelihood,
                 obs_std=v.obs_std,
+                kl_tolerance=v.kl_tolerance,
             )
     except ValueError as exc:
         raise UserError(f"vision.kind={v.kind}: {exc}") from None

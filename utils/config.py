@@ -60,7 +60,7 @@ class VisionConfig:
     z_dim: int = 32  # size of the flat latent z that M and C see
     likelihood: str = "gaussian"  # gaussian (fixed obs_std) | bernoulli
     obs_std: float = 0.7071  # std of the gaussian likelihood; sqrt(1/2) makes -log p = sum sq. error + const
-    kl_tolerance: float = 0.5  # free nats per latent dim (Ha & Schmidhuber); 0 gives the plain ELBO
+    kl_tolerance: float = 0.5  # free nats per dim of z (Ha & Schmidhuber; the NVAE's top group); 0: plain ELBO
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1.0e-3
