@@ -5,10 +5,11 @@
 
 For each run directory (stages 01-02 done; 05-06 optional) prints one row:
 
-- negative ELBO in bits/dim: (-ELBO in nats + D ln 256) / (D ln 2), D = 3 S^2,
-  i.e. the continuous density on [0, 1] rescaled to 8-bit pixel units (no
-  dequantization noise is added, so it is an approximation for Gaussian
-  likelihoods and not meaningful for Bernoulli ones);
+- negative ELBO in bits/dim (models/likelihood.bits_per_dim): exact for the
+  discretized logistic mixture; for the Gaussian, (-ELBO + D ln 256) / (D ln 2),
+  D = 3 S^2, the density on [0, 1] put on 8-bit bins without dequantization
+  noise (an approximation); not defined for Bernoulli (nan). Compare bits/dim
+  only between runs with the same likelihood;
 - reconstruction MSE and PSNR from the full posterior (conv VAE: decode(mu);
   NVAE: every group at its posterior mean);
 - reconstruction MSE from the flat z alone, decode(encode(x)) (NVAE: lower
@@ -36,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import load_vision  # noqa: E402
+from models.likelihood import bits_per_dim  # noqa: E402
 from utils.data import sample_frames  # noqa: E402
 from utils.envs import frames_to_tensor  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -60,7 +62,7 @@ def vision_metrics(vision, frames: np.ndarray, batch_size: int = 128, seed: int 
         sums["mse_z"] += (vision.reconstruct(x) - x).pow(2).mean().item() * n
     out = {k: v / len(frames) for k, v in sums.items()}
     dims = frames[0].size
-    out["bits_per_dim"] = (out["neg_elbo"] + dims * math.log(256)) / (dims * math.log(2))
+    out["bits_per_dim"] = bits_per_dim(out["neg_elbo"], dims, vision.likelihood)
     out["psnr_full"] = psnr(out["mse_full"])
     out["params"] = sum(p.numel() for p in vision.parameters())
     return out
@@ -76,7 +78,8 @@ def _read_json(path: str) -> dict | None:
 def run_row(run_dir: str, frames: np.ndarray) -> dict:
     """Every number of one run's row."""
     vision, ckpt = load_vision(os.path.join(run_dir, "vision", "best.pt"))
-    row = {"run": run_dir, "kind": vision.kind, "z_dim": vision.z_dim, **vision_metrics(vision, frames)}
+    row = {"run": run_dir, "kind": vision.kind, "z_dim": vision.z_dim, "likelihood": vision.likelihood}
+    row.update(vision_metrics(vision, frames))
     log_path = os.path.join(run_dir, "vision", "train_log.jsonl")
     with open(log_path) as f:
         rates = [json.loads(line)["images_per_s"] for line in f if line.strip()]
@@ -106,15 +109,15 @@ def held_out_frames(run_dir: str, n: int, seed: int) -> tuple[np.ndarray, list[s
 
 def markdown_table(rows: list[dict], n_frames: int) -> str:
     head = (
-        f"| run | V | z | -ELBO (bits/dim) | MSE full posterior | PSNR full (dB) | MSE from z | params | "
+        f"| run | V | z | likelihood | -ELBO (bits/dim) | MSE full posterior | PSNR full (dB) | MSE from z | params | "
         f"train img/s | score ({rows[0].get('score_episodes', '-')} episodes) | 05 budget |"
     )
-    lines = [f"Held-out frames: {n_frames}", "", head, "|" + " --- |" * 11]
+    lines = [f"Held-out frames: {n_frames}", "", head, "|" + " --- |" * 12]
     for r in rows:
         score = f"{r['score_mean']:.1f} +- {r['score_std']:.1f}" if "score_mean" in r else "-"
         budget = f"{r['generations']} gen, {r['env_steps']} steps" if "generations" in r else "-"
         lines.append(
-            f"| {r['run']} | {r['kind']} | {r['z_dim']} | {r['bits_per_dim']:.3f} | {r['mse_full']:.5f} | "
+            f"| {r['run']} | {r['kind']} | {r['z_dim']} | {r['likelihood']} | {r['bits_per_dim']:.3f} | {r['mse_full']:.5f} | "
             f"{r['psnr_full']:.2f} | {r['mse_z']:.5f} | {r['params']:,} | {r['train_images_per_s']:.1f} | {score} | {budget} |"
         )
     return "\n".join(lines)

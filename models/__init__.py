@@ -33,6 +33,7 @@ def build_vision(cfg: Config) -> torch.nn.Module:
                 likelihood=v.likelihood,
                 obs_std=v.obs_std,
                 kl_tolerance=v.kl_tolerance,
+                mixtures=v.mixtures,
             )
         if v.kind == "nvae":
             n = v.nvae
@@ -49,6 +50,7 @@ def build_vision(cfg: Config) -> torch.nn.Module:
                 likelihood=v.likelihood,
                 obs_std=v.obs_std,
                 kl_tolerance=v.kl_tolerance,
+                mixtures=v.mixtures,
             )
     except ValueError as exc:
         raise UserError(f"vision.kind={v.kind}: {exc}") from None

@@ -47,7 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.vae import gaussian_kl, reconstruction_nll
+from models.likelihood import output_channels, pixel_mean, reconstruction_nll
+from models.vae import gaussian_kl
 
 BN_MOMENTUM = 0.05
 RESIDUAL_SCALE = 0.1
@@ -145,6 +146,7 @@ class NVAE(nn.Module):
         likelihood: str = "gaussian",
         obs_std: float = 0.7071,
         kl_tolerance: float = 0.0,
+        mixtures: int = 10,
     ):
         super().__init__()
         halvings = preprocess_blocks + latent_scales - 1
@@ -161,14 +163,13 @@ class NVAE(nn.Module):
             )
         if num_flows:
             raise ValueError("vision.nvae.num_flows > 0: posterior flows are not built yet; use 0")
-        if likelihood not in ("gaussian", "bernoulli"):
-            raise ValueError(f"vision.likelihood={likelihood!r}: the NVAE takes gaussian or bernoulli")
         self.hp = dict(
             z_dim=z_dim, frame_size=frame_size, channels=channels, preprocess_blocks=preprocess_blocks,
             latent_scales=latent_scales, groups_per_scale=groups_per_scale, latent_channels=latent_channels,
             cells_per_group=cells_per_group, num_flows=num_flows,
-            likelihood=likelihood, obs_std=obs_std, kl_tolerance=kl_tolerance,
+            likelihood=likelihood, obs_std=obs_std, kl_tolerance=kl_tolerance, mixtures=mixtures,
         )
+        out_channels = output_channels(likelihood, mixtures)
         self.z_dim, self.frame_size, self.top_size = z_dim, frame_size, top
         self.latent_channels, self.likelihood, self.obs_std = latent_channels, likelihood, obs_std
         self.top_kl_floor = kl_tolerance * z_dim  # free nats of the top group (the flat z)
@@ -209,7 +210,7 @@ class NVAE(nn.Module):
         self.postprocess = nn.Sequential(
             *[DecoderCell(ch[i + 1], ch[i], upsample=True) for i in range(preprocess_blocks - 1, -1, -1)]
         )
-        self.to_pixels = nn.Sequential(nn.ELU(), nn.Conv2d(ch[0], 3, 3, padding=1))
+        self.to_pixels = nn.Sequential(nn.ELU(), nn.Conv2d(ch[0], out_channels, 3, padding=1))
         # Group sizes (elements per image) weight the KL balancing: bigger groups may carry more nats.
         self.register_buffer(
             "group_sizes", torch.tensor([lc * (top * 2 ** (latent_scales - 1 - s)) ** 2 for s in self.group_scale], dtype=torch.float32)
@@ -273,7 +274,7 @@ class NVAE(nn.Module):
         return self.postprocess(h), kls
 
     def _pixels(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.to_pixels(h))
+        return pixel_mean(self.to_pixels(h), self.likelihood)
 
     def decode(self, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """z float32 (B, z_dim) (the top group) -> mean frame float32 (B, 3, S, S) in [0, 1];
@@ -307,7 +308,7 @@ class NVAE(nn.Module):
         nats (module docstring): the objective of the warm-up phase.
         """
         h, kls = self._top_down(self._encoder_features(x), None, 1.0, len(x))
-        recon = reconstruction_nll(x, self._pixels(h), self.likelihood, self.obs_std)  # (B,)
+        recon = reconstruction_nll(x, self.to_pixels(h), self.likelihood, self.obs_std)  # (B,)
         kl_groups = torch.stack([k.flatten(1).sum(1) for k in kls], dim=1)  # (B, n_groups)
         kl = kl_groups.sum(1)
         kl_train = free_nats_top(kl_groups, self.top_kl_floor)
@@ -384,11 +385,6 @@ def kl_warmup_coeff(progress: float, warmup_fraction: float, minimum: float = 1e
     if warmup_fraction <= 0:
         return 1.0
     return max(minimum, min(1.0, progress / warmup_fraction))
-
-
-def bits_per_dim(nats_per_image: float, dims: int) -> float:
-    """Convert nats per image to bits per dimension."""
-    return nats_per_image / (dims * math.log(2))
 
 
 __all__ = ["NVAE", "residual_normal_kl", "free_nats_top", "kl_balance_term", "kl_warmup_coeff", "gaussian_kl"]

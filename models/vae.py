@@ -3,8 +3,9 @@
 Encoder: four 4x4 stride-2 convolutions (32, 64, 128, 256 channels, ReLU) on a
 64x64 RGB frame, flattened (2x2x256 = 1024) and mapped to mu and logvar of a
 diagonal Gaussian posterior q(z|x) with z of size z_dim. Decoder: a dense layer
-to 1024, then deconvolutions 5x5, 5x5, 6x6, 6x6 (stride 2) back to 64x64x3 with
-a sigmoid. Prior p(z) = N(0, I).
+to 1024, then deconvolutions 5x5, 5x5, 6x6, 6x6 (stride 2) back to 64x64 with
+the channels of the output likelihood (models/likelihood.py: 3 logits passed
+through a sigmoid for the paper's Gaussian). Prior p(z) = N(0, I).
 
 Loss (nats per image): negative ELBO = -log p(x|z) + KL(q(z|x) || p(z)), with
 Ha & Schmidhuber's KL tolerance: the KL term is max(KL, kl_tolerance * z_dim)
@@ -13,11 +14,10 @@ Ha & Schmidhuber's KL tolerance: the KL term is max(KL, kl_tolerance * z_dim)
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from models.likelihood import output_channels, pixel_mean, reconstruction_nll
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -27,24 +27,6 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     mu, logvar: float (B, D). Returns float (B,), nats.
     """
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=-1)
-
-
-def reconstruction_nll(x: torch.Tensor, x_mean: torch.Tensor, likelihood: str, obs_std: float) -> torch.Tensor:
-    """-log p(x | z) summed over pixels and channels, per image (nats).
-
-    x, x_mean: float (B, 3, H, W) in [0, 1]. `gaussian`: N(x; x_mean, obs_std^2)
-    per pixel (a continuous density, so the value can be negative). `bernoulli`:
-    binary cross-entropy with x as soft targets.
-    Returns float (B,).
-    """
-    if likelihood == "gaussian":
-        sq = (x - x_mean).pow(2).flatten(1).sum(1)
-        n = x[0].numel()
-        return sq / (2 * obs_std**2) + n * (math.log(obs_std) + 0.5 * math.log(2 * math.pi))
-    if likelihood == "bernoulli":
-        eps = 1e-6
-        return F.binary_cross_entropy(x_mean.clamp(eps, 1 - eps), x, reduction="none").flatten(1).sum(1)
-    raise ValueError(f"unknown likelihood {likelihood!r}")
 
 
 class ConvVAE(nn.Module):
@@ -67,12 +49,15 @@ class ConvVAE(nn.Module):
         likelihood: str = "gaussian",
         obs_std: float = 0.7071,
         kl_tolerance: float = 0.5,
+        mixtures: int = 10,
     ):
         super().__init__()
         if frame_size != 64:
             raise ValueError(f"the conv VAE takes 64x64 frames, got env.frame_size={frame_size}")
         self.z_dim, self.frame_size = z_dim, frame_size
         self.likelihood, self.obs_std, self.kl_tolerance = likelihood, obs_std, kl_tolerance
+        self.mixtures = mixtures
+        out_channels = output_channels(likelihood, mixtures)
         self.encoder = nn.Sequential(
             nn.Conv2d(3, 32, 4, stride=2), nn.ReLU(),  # (B, 32, 31, 31)
             nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),  # (B, 64, 14, 14)
@@ -87,7 +72,7 @@ class ConvVAE(nn.Module):
             nn.ConvTranspose2d(1024, 128, 5, stride=2), nn.ReLU(),  # (B, 128, 5, 5)
             nn.ConvTranspose2d(128, 64, 5, stride=2), nn.ReLU(),  # (B, 64, 13, 13)
             nn.ConvTranspose2d(64, 32, 6, stride=2), nn.ReLU(),  # (B, 32, 30, 30)
-            nn.ConvTranspose2d(32, 3, 6, stride=2), nn.Sigmoid(),  # (B, 3, 64, 64)
+            nn.ConvTranspose2d(32, out_channels, 6, stride=2),  # (B, C, 64, 64): the likelihood's params
         )
 
     def hparams(self) -> dict:
@@ -98,6 +83,7 @@ class ConvVAE(nn.Module):
             likelihood=self.likelihood,
             obs_std=self.obs_std,
             kl_tolerance=self.kl_tolerance,
+            mixtures=self.mixtures,
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +97,10 @@ class ConvVAE(nn.Module):
         `temperature` is unused for this single-group model (it matters for the
         NVAE's lower groups); it is accepted so both V kinds share one interface.
         """
+        return pixel_mean(self._decoder_params(z), self.likelihood)
+
+    def _decoder_params(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, z_dim) -> the likelihood's params float32 (B, C, 64, 64) (models/likelihood.py)."""
         return self.decoder(self.from_z(z)[:, :, None, None])
 
     def sample_prior(self, n: int, temperature: float = 1.0) -> torch.Tensor:
@@ -128,7 +118,7 @@ class ConvVAE(nn.Module):
         """
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        recon = reconstruction_nll(x, self.decode(z), self.likelihood, self.obs_std).mean()
+        recon = reconstruction_nll(x, self._decoder_params(z), self.likelihood, self.obs_std).mean()
         kl = gaussian_kl(mu, logvar).mean()
         kl_floor = self.kl_tolerance * self.z_dim
         return {

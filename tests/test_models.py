@@ -10,7 +10,7 @@ from torch import distributions as D
 from models import load_mdnrnn, load_vision, load_world_model, vision_checkpoint
 from models.controller import LinearController
 from models.mdnrnn import MDNRNN, MixtureParams, mdn_nll, mdn_sample, mdnrnn_loss
-from models.vae import ConvVAE, gaussian_kl, reconstruction_nll
+from models.vae import ConvVAE, gaussian_kl
 from utils.errors import UserError
 from utils.envs import squash_to_bounds
 from utils.io import save_torch
@@ -24,12 +24,6 @@ def test_gaussian_kl_matches_torch_distributions():
     expected = D.kl_divergence(q, p).sum(-1)
     torch.testing.assert_close(gaussian_kl(mu, logvar), expected)
     assert torch.allclose(gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3)), torch.zeros(2))
-
-
-def test_gaussian_nll_matches_normal_log_prob():
-    x, mean = torch.rand(3, 3, 4, 4), torch.rand(3, 3, 4, 4)
-    expected = -D.Normal(mean, 0.3).log_prob(x).flatten(1).sum(1)
-    torch.testing.assert_close(reconstruction_nll(x, mean, "gaussian", 0.3), expected)
 
 
 def test_mdn_nll_matches_mixture_same_family():

@@ -58,7 +58,8 @@ class NVAEConfig:
 class VisionConfig:
     kind: str = "vae"  # vae (Ha & Schmidhuber conv VAE) | nvae (Vahdat & Kautz hierarchical VAE)
     z_dim: int = 32  # size of the flat latent z that M and C see
-    likelihood: str = "gaussian"  # gaussian (fixed obs_std) | bernoulli
+    likelihood: str = "gaussian"  # gaussian (fixed obs_std) | bernoulli | logistic_mixture (discretized, PixelCNN++)
+    mixtures: int = 10  # components of the logistic_mixture likelihood
     obs_std: float = 0.7071  # std of the gaussian likelihood; sqrt(1/2) makes -log p = sum sq. error + const
     kl_tolerance: float = 0.5  # free nats per dim of z (Ha & Schmidhuber; the NVAE's top group); 0: plain ELBO
     epochs: int = 10
@@ -139,7 +140,7 @@ class Config:
 CHOICES = {
     "rollouts.policy": ("brownian", "uniform"),
     "vision.kind": ("vae", "nvae"),
-    "vision.likelihood": ("gaussian", "bernoulli"),
+    "vision.likelihood": ("gaussian", "bernoulli", "logistic_mixture"),
     "controller.env": ("real",),
     "evaluate.params": ("best", "mean"),
 }
@@ -149,7 +150,7 @@ CHOICES = {
 # size would otherwise fail deep inside a stage.
 POSITIVE = (
     "env.frame_size", "env.max_episode_steps", "rollouts.episodes", "rollouts.workers", "vision.z_dim",
-    "vision.epochs", "vision.batch_size", "vision.lr", "vision.obs_std", "vision.val_frames",
+    "vision.mixtures", "vision.epochs", "vision.batch_size", "vision.lr", "vision.obs_std", "vision.val_frames",
     "vision.chunk_episodes", "vision.workers", "vision.nvae.channels", "vision.nvae.latent_scales",
     "vision.nvae.groups_per_scale", "vision.nvae.latent_channels", "vision.nvae.cells_per_group",
     "latents.batch_size", "mdnrnn.hidden", "mdnrnn.gaussians", "mdnrnn.seq_len", "mdnrnn.batch_size",
