@@ -24,18 +24,20 @@ from utils.config import config_to_dict
 from utils.envs import frames_to_tensor
 from utils.errors import UserError
 from utils.io import file_sha256, list_episodes, load_episode, save_npz, write_manifest
+from utils.training import resolve_device
 
 EPISODE_KEYS = ("obs", "actions", "rewards", "terminated", "truncated")
 
 
 @torch.inference_mode()
 def encode_frames(vision, frames: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (T, S, S, 3) -> mu, logvar float32 (T, z_dim)."""
+    """uint8 (T, S, S, 3) -> mu, logvar float32 (T, z_dim), encoded on V's device."""
+    device = next(vision.parameters()).device
     mus, logvars = [], []
     for b in range(0, len(frames), batch_size):
-        mu, logvar = vision.encode(frames_to_tensor(frames[b : b + batch_size]))
-        mus.append(mu.numpy())
-        logvars.append(logvar.numpy())
+        mu, logvar = vision.encode(frames_to_tensor(frames[b : b + batch_size]).to(device))
+        mus.append(mu.cpu().numpy())
+        logvars.append(logvar.cpu().numpy())
     return np.concatenate(mus).astype(np.float32), np.concatenate(logvars).astype(np.float32)
 
 
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     vision_path = args.vision or os.path.join(stage_dir(cfg, "vision"), "best.pt")
     files = list_episodes(stage_dir(cfg, "rollouts"))
     vision, _ = load_vision(vision_path)
+    vision.to(resolve_device(cfg.vision.device))
     if vision.z_dim != cfg.vision.z_dim:
         raise UserError(
             f"{vision_path}: checkpoint has z_dim={vision.z_dim} but key 'vision.z_dim' is {cfg.vision.z_dim}"

@@ -22,6 +22,16 @@ Residual normal posterior (section 3.2, eq. 2): q(z_k | x, z_<k) =
 N(mu_p + dmu, sigma_p * dsigma) with KL per element
 0.5 * (dmu^2 / sigma_p^2 + dsigma^2 - log dsigma^2 - 1).
 
+Posterior flows (section 3.2 "Inverse autoregressive flows", `num_flows`): in
+every group below the top, the residual normal sample z0 goes through
+num_flows IAF steps (Kingma et al. 2016, eq. 11-14): [m, s] = AR(z, context),
+z <- sigmoid(s) * z + (1 - sigmoid(s)) * m, log|det| = sum log sigmoid(s). AR
+is a masked 3x3 convolution stack, autoregressive over pixels in raster order
+(reversed in every other step); the context is the feature the posterior is
+computed from. The KL of such a group is the one-sample estimate
+log q(z | x) - log p(z). The top group stays a diagonal Gaussian, so the mu and
+logvar that stage 03 stores describe z exactly.
+
 Training aids (section 3.2): KL warm-up and KL balancing (`kl_balance`), the
 spectral regulariser lambda * sum_i sigma_max(W_i) estimated with power
 iteration, plus the penalty on BatchNorm scales (`regularization`).
@@ -121,13 +131,64 @@ class DecoderCell(nn.Module):
         return self.skip(x) + RESIDUAL_SCALE * self.branch(x)
 
 
+class MaskedConv2d(nn.Conv2d):
+    """3x3 convolution whose output at a pixel sees only earlier pixels in raster order
+    (PixelCNN masks, van den Oord et al. 2016): mask "A" excludes the centre pixel, "B"
+    includes it (safe after an "A" layer, whose outputs already exclude it)."""
+
+    def __init__(self, c_in: int, c_out: int, mask_type: str):
+        super().__init__(c_in, c_out, 3, padding=1)
+        mask = torch.ones_like(self.weight)
+        mask[:, :, 2, :] = 0  # the row below
+        mask[:, :, 1, 2] = 0  # the pixel to the right
+        if mask_type == "A":
+            mask[:, :, 1, 1] = 0  # the pixel itself
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=1)
+
+
+class AutoregressiveFlow(nn.Module):
+    """One inverse autoregressive flow step (Kingma et al. 2016, eq. 14) on a latent map.
+
+    z float (B, C, H, W) and a context feature (B, C_ctx, H, W) -> z' of z's shape and the
+    element-wise log|dz'/dz| = log sigmoid(s), float (B, C, H, W). m and s at a pixel depend on z
+    only through earlier pixels (raster order, or its reverse with `reverse`), so the Jacobian is
+    triangular with diagonal sigmoid(s). Initialised close to the identity: m = 0, gate sigmoid(2) = 0.88.
+    """
+
+    def __init__(self, channels: int, context_channels: int, hidden: int = 32, reverse: bool = False):
+        super().__init__()
+        self.reverse = reverse
+        self.first = MaskedConv2d(channels, hidden, "A")
+        self.context = nn.Conv2d(context_channels, hidden, 1)
+        self.second = MaskedConv2d(hidden, hidden, "B")
+        self.out = MaskedConv2d(hidden, 2 * channels, "B")
+        nn.init.zeros_(self.out.weight)
+        with torch.no_grad():
+            self.out.bias.copy_(torch.cat([torch.zeros(channels), torch.full((channels,), 2.0)]))
+
+    def forward(self, z: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reverse:
+            z, context = z.flip(2, 3), context.flip(2, 3)
+        h = F.elu(self.first(z) + self.context(context))
+        m, s = self.out(F.elu(self.second(h))).chunk(2, dim=1)
+        gate = torch.sigmoid(s)
+        z = gate * z + (1 - gate) * m
+        log_det = F.logsigmoid(s)
+        if self.reverse:
+            z, log_det = z.flip(2, 3), log_det.flip(2, 3)
+        return z, log_det
+
+
 class NVAE(nn.Module):
     """Hierarchical VAE for RGB frames float32 (B, 3, S, S) in [0, 1]; see the module docstring.
 
     Raises:
         ValueError: a frame_size that cannot be halved preprocess_blocks +
             latent_scales - 1 times, a z_dim other than latent_channels *
-            top_size^2, num_flows > 0 (not built yet), or an unknown likelihood.
+            top_size^2, or an unknown likelihood.
     """
 
     kind = "nvae"
@@ -161,8 +222,6 @@ class NVAE(nn.Module):
                 f"vision.z_dim={z_dim} must equal latent_channels * top_size^2 = "
                 f"{latent_channels} * {top}^2 = {latent_channels * top * top}"
             )
-        if num_flows:
-            raise ValueError("vision.nvae.num_flows > 0: posterior flows are not built yet; use 0")
         self.hp = dict(
             z_dim=z_dim, frame_size=frame_size, channels=channels, preprocess_blocks=preprocess_blocks,
             latent_scales=latent_scales, groups_per_scale=groups_per_scale, latent_channels=latent_channels,
@@ -206,6 +265,10 @@ class NVAE(nn.Module):
         )
         self.enc_combine = nn.ModuleList(nn.Conv2d(gc[k], gc[k], 1) if k else nn.Identity() for k in range(self.n_groups))
         self.posterior = nn.ModuleList(nn.Conv2d(gc[k], 2 * lc, 3, padding=1) for k in range(self.n_groups))
+        self.flows = nn.ModuleList(
+            nn.ModuleList(AutoregressiveFlow(lc, gc[k], reverse=bool(i % 2)) for i in range(num_flows if k else 0))
+            for k in range(self.n_groups)
+        )
         self.dec_combine = nn.ModuleList(nn.Conv2d(gc[k] + lc, gc[k], 1) for k in range(self.n_groups))
         self.postprocess = nn.Sequential(
             *[DecoderCell(ch[i + 1], ch[i], upsample=True) for i in range(preprocess_blocks - 1, -1, -1)]
@@ -263,15 +326,32 @@ class NVAE(nn.Module):
             if k == 0 and z_top is not None:
                 z = z_top
             elif feats is not None:
-                dmu, dlogsig = self.posterior[k](feats[k] + self.enc_combine[k](h) if k else feats[k]).chunk(2, dim=1)
+                context = feats[k] + self.enc_combine[k](h) if k else feats[k]
+                dmu, dlogsig = self.posterior[k](context).chunk(2, dim=1)
                 dlogsig = soft_clamp(dlogsig)
-                kls.append(residual_normal_kl(dmu, dlogsig, logsig_p))
                 mu_q, sig_q = mu_p + dmu, torch.exp(logsig_p + dlogsig)
-                z = mu_q if use_mean else mu_q + sig_q * torch.randn_like(mu_q)
+                eps = torch.zeros_like(mu_q) if use_mean else torch.randn_like(mu_q)
+                z = mu_q + sig_q * eps
+                if len(self.flows[k]):
+                    z, kl = self._flow_posterior(k, z, eps, logsig_p + dlogsig, mu_p, logsig_p, context)
+                else:
+                    kl = residual_normal_kl(dmu, dlogsig, logsig_p)
+                kls.append(kl)
             else:
                 z = mu_p + temperature * torch.exp(logsig_p) * torch.randn_like(mu_p)
             h = self.dec_combine[k](torch.cat([h, z], dim=1))
         return self.postprocess(h), kls
+
+    def _flow_posterior(self, k, z0, eps, logsig_q, mu_p, logsig_p, context) -> tuple[torch.Tensor, torch.Tensor]:
+        """Push the residual normal sample z0 of group k through its IAF steps. Returns z and the
+        one-sample KL map log q(z | x) - log p(z | z_<k), both (B, lc, h, w), nats."""
+        log_q = -0.5 * eps.pow(2) - logsig_q - 0.5 * math.log(2 * math.pi)
+        z = z0
+        for flow in self.flows[k]:
+            z, log_det = flow(z, context)
+            log_q = log_q - log_det
+        log_p = -0.5 * ((z - mu_p) * torch.exp(-logsig_p)).pow(2) - logsig_p - 0.5 * math.log(2 * math.pi)
+        return z, log_q - log_p
 
     def _pixels(self, h: torch.Tensor) -> torch.Tensor:
         return pixel_mean(self.to_pixels(h), self.likelihood)
@@ -332,10 +412,10 @@ class NVAE(nn.Module):
         sigmas = []
         for name, m in self.named_modules():
             if isinstance(m, nn.Conv2d):
-                w = m.weight.flatten(1)  # (out, in*k*k)
+                w = (m.weight * m.mask if isinstance(m, MaskedConv2d) else m.weight).flatten(1)  # (out, in*k*k)
                 u = self._spectral_u.get(name)
                 if u is None:
-                    u = F.normalize(torch.randn(w.shape[0]), dim=0)
+                    u = F.normalize(torch.randn(w.shape[0], device=w.device), dim=0)
                     power_iterations = max(power_iterations, 10)
                 with torch.no_grad():
                     for _ in range(power_iterations):
@@ -387,4 +467,4 @@ def kl_warmup_coeff(progress: float, warmup_fraction: float, minimum: float = 1e
     return max(minimum, min(1.0, progress / warmup_fraction))
 
 
-__all__ = ["NVAE", "residual_normal_kl", "free_nats_top", "kl_balance_term", "kl_warmup_coeff", "gaussian_kl"]
+__all__ = ["NVAE", "AutoregressiveFlow", "residual_normal_kl", "free_nats_top", "kl_balance_term", "kl_warmup_coeff", "gaussian_kl"]

@@ -16,11 +16,13 @@ def write(tmp_path, data):
 def test_defaults_and_shipped_configs_load():
     from models import build_vision
 
-    for name in ("smoke", "carracing_vae", "carracing_vae_paper", "carracing_nvae"):
+    for name in ("smoke", "carracing_vae", "carracing_vae_paper", "carracing_nvae", "carracing_nvae_paper"):
         cfg = load_config(f"configs/{name}.yaml")
         assert isinstance(cfg, Config) and cfg.env.id == "CarRacing-v3"
-        assert build_vision(cfg).z_dim == cfg.vision.z_dim == 32
+        assert build_vision(cfg).z_dim == cfg.vision.z_dim == (64 if name == "carracing_nvae_paper" else 32)
     assert load_config("configs/carracing_vae_paper.yaml").rollouts.episodes == 10_000
+    paper = load_config("configs/carracing_nvae_paper.yaml").vision  # the thesis's Table 4
+    assert (paper.nvae.channels, paper.nvae.num_flows, paper.nvae.spectral_lambda, paper.epochs) == (20, 2, 0.1, 1000)
 
 
 def test_unknown_key_is_named(tmp_path):
@@ -84,3 +86,22 @@ def test_ranges_and_shapes_are_checked(tmp_path):
     assert cfg.vision.nvae.channels == 16
     with pytest.raises(UserError, match=r"unknown key 'vision.nvae.chanels'"):
         load_config(write(tmp_path, {"vision": {"nvae": {"chanels": 16}}}))
+
+
+def test_cuda_where_there_is_none_is_a_clear_error():
+    import torch
+
+    from utils.training import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="vision.device=cuda but torch sees no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_repeated_set_flags_accumulate():
+    from utils.cli import load_stage_config, stage_parser
+
+    argv = ["--config", "configs/smoke.yaml", "--set", "vision.epochs=2", "--set", "controller.popsize=8", "mdnrnn.epochs=3"]
+    cfg = load_stage_config(stage_parser("test").parse_args(argv))
+    assert (cfg.vision.epochs, cfg.controller.popsize, cfg.mdnrnn.epochs) == (2, 8, 3)

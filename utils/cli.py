@@ -31,7 +31,8 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="experiment YAML file (see configs/)")
     parser.add_argument(
-        "--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="override config keys"
+        "--set", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+        help="override config keys; may be repeated (--set a.b=1 --set c.d=2)",
     )
     return parser
 

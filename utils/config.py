@@ -48,7 +48,7 @@ class NVAEConfig:
     groups_per_scale: int = 2
     latent_channels: int = 2  # channels of each latent group; z_dim = latent_channels * top_size^2
     cells_per_group: int = 1  # residual cells per group, in the encoder and in the decoder
-    num_flows: int = 0  # normalizing flows in the posterior (not built yet: must be 0)
+    num_flows: int = 0  # IAF steps in the posterior of every group below the top (thesis Table 4: 2)
     kl_warmup_fraction: float = 0.3  # KL weight rises linearly from 1e-4 to 1 over this fraction of updates
     kl_balance: bool = True  # balance the KL of the groups during warm-up
     spectral_lambda: float = 0.1  # weight of the spectral + BatchNorm regulariser
@@ -70,6 +70,7 @@ class VisionConfig:
     val_frames: int = 2048  # held-out frames used for the per-epoch validation ELBO
     chunk_episodes: int = 32  # episodes held in memory at once while shuffling frames
     workers: int = 2  # torch threads
+    device: str = "cpu"  # where stages 02 and 03 run V: cpu | cuda | auto (cuda when available)
     nvae: NVAEConfig = field(default_factory=NVAEConfig)  # used when kind is nvae
 
 
@@ -141,6 +142,7 @@ CHOICES = {
     "rollouts.policy": ("brownian", "uniform"),
     "vision.kind": ("vae", "nvae"),
     "vision.likelihood": ("gaussian", "bernoulli", "logistic_mixture"),
+    "vision.device": ("cpu", "cuda", "auto"),
     "controller.env": ("real",),
     "evaluate.params": ("best", "mean"),
 }

@@ -128,13 +128,28 @@ def vision_objective(model, x: torch.Tensor, cfg: Config, progress: float) -> di
     return terms
 
 
+def resolve_device(name: str) -> torch.device:
+    """vision.device (cpu | cuda | auto) -> a torch.device.
+
+    Raises:
+        UserError: cuda asked for on a machine where torch sees no CUDA device.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("vision.device=cuda but torch sees no CUDA device here; use cpu or auto")
+    return torch.device(name)
+
+
 @torch.no_grad()
 def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256) -> dict:
-    """Mean loss terms (nats/image) and MSE of decode(mu) over uint8 frames (N, S, S, 3)."""
+    """Mean loss terms (nats/image) and MSE of decode(mu) over uint8 frames (N, S, S, 3),
+    computed on the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     sums: dict[str, float] = {}
     for b in range(0, len(frames), batch_size):
-        x = frames_to_tensor(frames[b : b + batch_size])
+        x = frames_to_tensor(frames[b : b + batch_size]).to(device)
         terms = model.loss(x)
         terms["mse"] = (model.reconstruct(x) - x).pow(2).mean()  # from the flat z alone
         if hasattr(model, "reconstruct_full"):  # hierarchical V: every group from the posterior
@@ -147,7 +162,8 @@ def train_vision(cfg: Config, train_files: list[str], val_files: list[str], out_
     """Train V of kind cfg.vision.kind on the frames of `train_files`; see the module docstring."""
     vc = cfg.vision
     torch.set_num_threads(vc.workers)
-    model = build_vision(cfg)
+    device = resolve_device(vc.device)
+    model = build_vision(cfg).to(device)  # before the optimizer, so a resumed Adam state lands there too
     optimizer = torch.optim.Adam(model.parameters(), lr=vc.lr)
     start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model.kind, model, optimizer)
     val_frames = sample_frames(val_files, vc.val_frames, cfg.seed)
@@ -162,7 +178,7 @@ def train_vision(cfg: Config, train_files: list[str], val_files: list[str], out_
         bar = tqdm(desc=f"02 epoch {epoch + 1}", unit="img", leave=False, disable=None)
         for frames in iterate_frame_batches(train_files, vc.batch_size, vc.chunk_episodes, rng):
             progress = (epoch + images / n_train_frames) / vc.epochs
-            terms = vision_objective(model, frames_to_tensor(frames), cfg, progress)
+            terms = vision_objective(model, frames_to_tensor(frames).to(device), cfg, progress)
             if not guarded_step(terms["loss"], model.parameters(), optimizer, vc.grad_clip):
                 skipped += 1
                 continue
