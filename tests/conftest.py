@@ -88,9 +88,11 @@ def tiny_run(tmp_path_factory):
     return {"config": config, "run_dir": str(run_dir), "outputs": outputs, "folder": str(folder)}
 
 
-NVAE_TINY = {
+NVAE_TINY = {  # the paper's options on: the logistic mixture likelihood and a posterior flow
     "kind": "nvae", "z_dim": 16, "epochs": 1, "batch_size": 16, "val_frames": 16, "workers": 1,
-    "nvae": {"channels": 4, "preprocess_blocks": 2, "latent_scales": 3, "groups_per_scale": 1, "latent_channels": 1},
+    "likelihood": "logistic_mixture", "mixtures": 2,
+    "nvae": {"channels": 4, "preprocess_blocks": 2, "latent_scales": 3, "groups_per_scale": 1, "latent_channels": 1,
+             "num_flows": 1},
 }
 
 

@@ -16,6 +16,7 @@ def test_stages_end_to_end_with_nvae(tiny_nvae_run):
     run_dir = tiny_nvae_run["run_dir"]
     vision, ckpt = load_vision(os.path.join(run_dir, "vision", "best.pt"))
     assert isinstance(vision, NVAE) and ckpt["kind"] == "nvae"
+    assert vision.likelihood == "logistic_mixture" and [len(f) for f in vision.flows] == [0, 1, 1]
     log = [json.loads(line) for line in open(os.path.join(run_dir, "vision", "train_log.jsonl"))]
     assert {"kl_group0", "kl_group2", "reg", "kl_coeff", "val_mse_full"} <= set(log[0])
     assert np.isfinite(log[0]["val_neg_elbo"]) and log[0]["skipped_updates"] == 0
@@ -34,7 +35,7 @@ def test_compare_vision_prints_both_rows(tiny_run, tiny_nvae_run):
     )
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "/run" in line]
-    assert len(rows) == 2 and "| vae | 8 |" in rows[0] and "| nvae | 16 |" in rows[1]
+    assert len(rows) == 2 and "| vae | 8 | gaussian |" in rows[0] and "| nvae | 16 | logistic_mixture |" in rows[1]
     scores = json.load(open(os.path.join(tiny_nvae_run["run_dir"], "eval", "scores.json")))
     assert f"{scores['mean']:.1f} +- {scores['std']:.1f}" in rows[1]
     assert "Held-out frames: 24" in proc.stdout
