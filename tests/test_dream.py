@@ -1,0 +1,102 @@
+"""The dream env around M and the batched dream rollout (utils/dream.py)."""
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from models.controller import LinearController
+from models.mdnrnn import MDNRNN
+from models.vae import ConvVAE
+from utils.dream import DreamEnv, dream_returns
+
+LOW, HIGH = np.array([-1.0, 0.0, 0.0], np.float32), np.array([1.0, 1.0, 1.0], np.float32)
+
+
+def tiny_world(z_dim=4, hidden=8, done_bias=-3.0):
+    torch.manual_seed(0)
+    m = MDNRNN(z_dim, 3, hidden=hidden, gaussians=2).eval()
+    with torch.no_grad():
+        m.done_head.bias.fill_(done_bias)  # a done probability well below 0.5 at first
+    starts = np.random.default_rng(0).normal(size=(5, z_dim)).astype(np.float32)
+    return m, starts
+
+
+def test_dream_env_passes_the_gymnasium_checker():
+    m, starts = tiny_world()
+    env = DreamEnv(m, starts, LOW, HIGH, temperature=1.15, max_steps=20)
+    check_env(env, skip_render_check=True)
+    obs, info = env.reset(seed=1)
+    assert obs.shape == (4 + 8,) and obs.dtype == np.float32 and 0 <= info["start"] < 5
+    np.testing.assert_allclose(obs[:4], starts[info["start"]])  # h starts at 0
+    assert np.all(obs[4:] == 0)
+
+
+def test_dream_env_renders_through_v_and_truncates():
+    m, _ = tiny_world(z_dim=8)
+    vae = ConvVAE(z_dim=8).eval()
+    env = DreamEnv(m, np.zeros((1, 8), np.float32), LOW, HIGH, max_steps=3, vision=vae, render_mode="rgb_array")
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+    flags = [env.step(env.action_space.sample())[3] for _ in range(3)]
+    assert flags == [False, False, True]
+
+
+def test_done_head_terminates_the_episode():
+    m, starts = tiny_world(done_bias=5.0)
+    env = DreamEnv(m, starts, LOW, HIGH, max_steps=50)
+    env.reset(seed=0)
+    _, _, terminated, truncated, _ = env.step(np.zeros(3, np.float32))
+    assert terminated and not truncated
+
+
+def test_batched_rollout_matches_the_one_step_api():
+    """One row of the batch: the same episode, step for step, as DreamEnv driven by C."""
+    m, starts = tiny_world()
+    controller = LinearController(4 + 8, LOW, HIGH)
+    theta = np.random.default_rng(1).normal(scale=0.5, size=controller.num_params).astype(np.float32)
+    controller.set_params(theta)
+    env = DreamEnv(m, starts, LOW, HIGH, temperature=1.0, max_steps=40)
+    obs, _ = env.reset(seed=7, options={"start": 2})
+    generator = torch.Generator()
+    generator.set_state(env._generator.get_state())
+    total, done = 0.0, False
+    while not done:
+        action = controller(torch.from_numpy(obs[:4])[None], torch.from_numpy(obs[4:])[None])[0].numpy()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total, done = total + reward, terminated or truncated
+    batched = dream_returns(m, theta[None], starts[2:3], LOW, HIGH, 1.0, 40, generator)
+    assert batched.shape == (1,) and batched[0] == pytest.approx(total, rel=1e-5, abs=1e-5)
+
+
+def test_batched_rollout_of_a_population():
+    m, starts = tiny_world()
+    thetas = np.random.default_rng(2).normal(size=(6, 3 * 13)).astype(np.float32)
+    run = lambda seed: dream_returns(m, thetas, starts[[0, 1, 2, 0, 1, 2]], LOW, HIGH, 1.0, 25, torch.Generator().manual_seed(seed))  # noqa: E731
+    a, b = run(0), run(0)
+    assert a.shape == (6,) and np.isfinite(a).all() and np.array_equal(a, b)
+    with torch.no_grad():
+        m.done_head.bias.fill_(5.0)  # every episode ends after its first step: one reward each
+    one_step = run(0)
+    z = torch.from_numpy(starts[[0, 1, 2, 0, 1, 2]])
+    from utils.dream import batched_actions
+
+    h = torch.zeros(6, 8)
+    _, reward, _, _ = m.step(z, batched_actions(torch.from_numpy(thetas), torch.cat([z, h], 1), LOW, HIGH), m.initial_state(6))
+    np.testing.assert_allclose(one_step, reward.detach().double().numpy(), rtol=1e-6)
+
+
+def test_dream_speed_benchmark_runs():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "dream_speed.py"), "--workers", "1", "--batch", "4", "--steps", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "real " in proc.stdout and "dream " in proc.stdout and "ratio " in proc.stdout
