@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Stage 05: train the linear controller C with CMA-ES in the real env.
+"""Stage 05: train the linear controller C with CMA-ES, in the real env or inside M's dream.
 
     python 05_train_controller.py --config configs/carracing_vae.yaml [--overwrite]
 
 Reads V (<run_dir>/vision/best.pt) and M (<run_dir>/mdnrnn/best.pt), runs
-CMA-ES with a pool of worker processes that each hold an env plus V and M, and
-writes <run_dir>/controller/: controller.pt, history.csv, learning_curve.png,
+CMA-ES with a pool of worker processes that each hold an env plus V and M
+(controller.env=real), or with the population stepped as one torch batch
+inside M from the starts of stage 03's latent episodes (controller.env=dream;
+the pool then only re-evaluates the CMA-ES mean in the real env), and writes <run_dir>/controller/: controller.pt, history.csv, learning_curve.png,
 cmaes_state.pkl and manifest.json. A killed run resumes where it stopped when
 the same command is run again; --overwrite starts over.
 """
@@ -15,12 +17,15 @@ from __future__ import annotations
 import os
 import time
 
+import torch
+
 from models import load_world_model
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
 from utils.cmaes_trainer import ControllerTrainer
 from utils.config import config_to_dict
+from utils.dream import start_latents
 from utils.envs import make_env
-from utils.io import write_manifest
+from utils.io import list_episodes, write_manifest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,19 +39,26 @@ def main(argv: list[str] | None = None) -> None:
     mdnrnn_path = args.mdnrnn or os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt")
     vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
     env = make_env(cfg.env)
+    cc = cfg.controller
+    dream = None
+    if cc.env == "dream":
+        torch.set_num_threads(cc.workers)
+        dream = (mdnrnn, start_latents(list_episodes(stage_dir(cfg, "latents"), "latents")))
     out_dir = stage_dir(cfg, "controller")
     os.makedirs(out_dir, exist_ok=True)
     trainer = ControllerTrainer(
-        cfg, vision_path, mdnrnn_path, vision.z_dim + mdnrnn.hidden, env.action_space.low, env.action_space.high, out_dir
+        cfg, vision_path, mdnrnn_path, vision.z_dim + mdnrnn.hidden, env.action_space.low, env.action_space.high,
+        out_dir, dream,
     )
     env.close()
-    cc = cfg.controller
-    print(f"[05] CMA-ES: {trainer.controller.num_params} parameters, population {cc.popsize} x "
+    where = f"in the dream (tau {cc.temperature:g}, {len(dream[1])} start latents)" if dream else "in the real env"
+    print(f"[05] CMA-ES {where}: {trainer.controller.num_params} parameters, population {cc.popsize} x "
           f"{cc.rollouts_per_candidate} rollouts, {cc.generations} generations, {cc.workers} workers")
     start = time.perf_counter()
     state = trainer.run(overwrite=args.overwrite)
     history, best = state["history"], state["best"]
     steps = sum(r["env_steps"] for r in history)
+    dream_steps = sum(r.get("dream_steps", 0) for r in history)
     write_manifest(
         out_dir,
         "05_train_controller",
@@ -55,8 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         time.perf_counter() - start,
         {
             "generations": state["generation"],
+            "env": cc.env,
             "env_steps": steps,
             "env_steps_per_s": steps / max(1e-9, sum(r["seconds"] for r in history)),
+            "dream_steps": dream_steps,
             "best_generation": best and best["generation"],
             "best_heldout_mean": best and best["heldout_mean"],
             "best_heldout_std": best and best["heldout_std"],

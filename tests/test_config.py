@@ -16,7 +16,8 @@ def write(tmp_path, data):
 def test_defaults_and_shipped_configs_load():
     from models import build_vision
 
-    for name in ("smoke", "carracing_vae", "carracing_vae_paper", "carracing_nvae", "carracing_nvae_paper"):
+    for name in ("smoke", "carracing_vae", "carracing_vae_paper", "carracing_nvae", "carracing_nvae_paper",
+                 "carracing_dream_vae", "carracing_dream_nvae"):
         cfg = load_config(f"configs/{name}.yaml")
         assert isinstance(cfg, Config) and cfg.env.id == "CarRacing-v3"
         assert build_vision(cfg).z_dim == cfg.vision.z_dim == (64 if name == "carracing_nvae_paper" else 32)

@@ -66,19 +66,21 @@ def test_batched_rollout_matches_the_one_step_api():
         action = controller(torch.from_numpy(obs[:4])[None], torch.from_numpy(obs[4:])[None])[0].numpy()
         obs, reward, terminated, truncated, _ = env.step(action)
         total, done = total + reward, terminated or truncated
-    batched = dream_returns(m, theta[None], starts[2:3], LOW, HIGH, 1.0, 40, generator)
+    batched, lengths = dream_returns(m, theta[None], starts[2:3], LOW, HIGH, 1.0, 40, generator)
     assert batched.shape == (1,) and batched[0] == pytest.approx(total, rel=1e-5, abs=1e-5)
+    assert lengths[0] == env._t
 
 
 def test_batched_rollout_of_a_population():
     m, starts = tiny_world()
     thetas = np.random.default_rng(2).normal(size=(6, 3 * 13)).astype(np.float32)
     run = lambda seed: dream_returns(m, thetas, starts[[0, 1, 2, 0, 1, 2]], LOW, HIGH, 1.0, 25, torch.Generator().manual_seed(seed))  # noqa: E731
-    a, b = run(0), run(0)
-    assert a.shape == (6,) and np.isfinite(a).all() and np.array_equal(a, b)
+    (a, len_a), (b, _) = run(0), run(0)
+    assert a.shape == (6,) and np.isfinite(a).all() and np.array_equal(a, b) and (len_a == 25).all()
     with torch.no_grad():
         m.done_head.bias.fill_(5.0)  # every episode ends after its first step: one reward each
-    one_step = run(0)
+    one_step, lengths = run(0)
+    assert (lengths == 1).all()
     z = torch.from_numpy(starts[[0, 1, 2, 0, 1, 2]])
     from utils.dream import batched_actions
 
@@ -100,3 +102,27 @@ def test_dream_speed_benchmark_runs():
     )
     assert proc.returncode == 0, proc.stderr
     assert "real " in proc.stdout and "dream " in proc.stdout and "ratio " in proc.stdout
+
+
+def test_05_trains_in_the_dream_end_to_end(tiny_run, tmp_path):
+    """Stage 05 with controller.env=dream: fitness from the batched dream, the CMA-ES mean re-evaluated
+    in the real env; a resume under the other env is refused."""
+    import csv
+    import os
+    import shutil
+
+    from conftest import assert_ok, assert_user_error, run_script, write_config
+
+    run_dir = tmp_path / "run"
+    for stage in ("vision", "latents", "mdnrnn"):
+        shutil.copytree(os.path.join(tiny_run["run_dir"], stage), run_dir / stage)
+    config = write_config(tmp_path, run_dir, controller={"env": "dream", "temperature": 1.15})
+    proc = run_script("05_train_controller", config)
+    assert_ok(proc)
+    assert "in the dream (tau 1.15, 3 start latents)" in proc.stdout
+    rows = list(csv.DictReader(open(run_dir / "controller" / "history.csv")))
+    assert [int(r["generation"]) for r in rows] == [1, 2]
+    assert all(int(r["env_steps"]) == 0 and 0 < int(r["dream_steps"]) <= 4 * 30 for r in rows)
+    assert rows[1]["heldout_mean"] != ""  # the transfer measurement, in the real env
+    real = write_config(tmp_path, run_dir, controller={"generations": 3})
+    assert_user_error(run_script("05_train_controller", real), "a run with controller.env=dream, not real")

@@ -1,11 +1,19 @@
-"""CMA-ES training of the linear controller in the real env (stage 05).
+"""CMA-ES training of the linear controller, in the real env or in the dream (stage 05).
 
-Each generation: `es.ask()` gives `popsize` parameter vectors; every candidate
-plays the same `rollouts_per_candidate` tracks (common random numbers, so the
-ranking compares drivers, not tracks) in the worker pool; its fitness is the
-mean return, and `es.tell` gets minus that (cma minimises). Every `eval_every`
-generations, and after the last, the CMA-ES mean is re-evaluated on fixed
-held-out tracks; the mean with the best held-out score is kept as `best`.
+Each generation: `es.ask()` gives `popsize` parameter vectors; its fitness is
+the mean return over `rollouts_per_candidate` episodes, and `es.tell` gets
+minus that (cma minimises).
+
+- controller.env=real: every candidate plays the same tracks (common random
+  numbers, so the ranking compares drivers, not tracks) in the worker pool.
+- controller.env=dream: every candidate starts from the same real-episode
+  starts, drawn per generation, and the whole population x rollouts is
+  stepped as one torch batch inside M at temperature tau (utils/dream.py).
+
+Every `eval_every` generations, and after the last, the CMA-ES mean is
+re-evaluated on fixed held-out tracks of the real env (in the dream too: that
+is the transfer measurement); the mean with the best held-out score is kept as
+`best`.
 
 Files in the stage folder: cmaes_state.pkl (the whole run: CMA-ES object,
 history, best; rewritten atomically every generation so a killed run resumes
@@ -22,10 +30,12 @@ import pickle
 import time
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from models.controller import LinearController
 from utils.config import Config, config_to_dict
+from utils.dream import dream_returns
 from utils.errors import UserError
 from utils.io import atomic_path, file_sha256, save_text, save_torch
 from utils.parallel import WorkerPool
@@ -34,7 +44,7 @@ from utils.seeding import env_seed
 
 HISTORY_FIELDS = [
     "generation", "best", "mean", "std", "worst", "heldout_mean", "heldout_std",
-    "sigma", "env_steps", "early_stopped", "seconds", "worker_restarts",
+    "sigma", "env_steps", "dream_steps", "early_stopped", "seconds", "worker_restarts",
 ]
 
 
@@ -64,8 +74,9 @@ def _write_history(path: str, history: list[dict]) -> None:
     save_text(path, buf.getvalue())
 
 
-def plot_learning_curve(history: list[dict], path: str, title: str) -> None:
-    """PNG of best and mean fitness per generation (+- std band) and the held-out re-evaluations."""
+def plot_learning_curve(history: list[dict], path: str, title: str, where: str = "training tracks") -> None:
+    """PNG of best and mean fitness per generation (+- std band, played on `where`) and the
+    held-out re-evaluations in the real env."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,13 +86,13 @@ def plot_learning_curve(history: list[dict], path: str, title: str) -> None:
     mean = np.array([r["mean"] for r in history])
     std = np.array([r["std"] for r in history])
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(gens, [r["best"] for r in history], label="best candidate (training tracks)", color="tab:green")
-    ax.plot(gens, mean, label="population mean +- std (training tracks)", color="tab:blue")
+    ax.plot(gens, [r["best"] for r in history], label=f"best candidate ({where})", color="tab:green")
+    ax.plot(gens, mean, label=f"population mean +- std ({where})", color="tab:blue")
     ax.fill_between(gens, mean - std, mean + std, color="tab:blue", alpha=0.2)
     held = [(r["generation"], r["heldout_mean"], r["heldout_std"]) for r in history if r.get("heldout_mean") is not None]
     if held:
         g, m, s = map(np.array, zip(*held))
-        ax.errorbar(g, m, yerr=s, fmt="o-", color="tab:red", capsize=3, label="CMA-ES mean, held-out tracks (full episodes)")
+        ax.errorbar(g, m, yerr=s, fmt="o-", color="tab:red", capsize=3, label="CMA-ES mean, held-out real tracks (full episodes)")
     ax.set_xlabel("generation")
     ax.set_ylabel("return")
     ax.set_title(title)
@@ -94,10 +105,17 @@ def plot_learning_curve(history: list[dict], path: str, title: str) -> None:
 
 
 class ControllerTrainer:
-    """Runs (or resumes) CMA-ES for `cfg.controller.generations` generations."""
+    """Runs (or resumes) CMA-ES for `cfg.controller.generations` generations.
 
-    def __init__(self, cfg: Config, vision_path: str, mdnrnn_path: str, in_dim: int, action_low, action_high, out_dir: str):
+    With controller.env=dream, `dream` = (M, start z float32 (N, z_dim)) is required.
+    """
+
+    def __init__(self, cfg: Config, vision_path: str, mdnrnn_path: str, in_dim: int, action_low, action_high,
+                 out_dir: str, dream: tuple | None = None):
         self.cfg, self.out_dir = cfg, out_dir
+        if cfg.controller.env == "dream" and dream is None:
+            raise ValueError("controller.env=dream needs M and the start latents")
+        self.dream = dream
         self.paths = {"vision": os.path.abspath(vision_path), "mdnrnn": os.path.abspath(mdnrnn_path)}
         self.input_sha256 = {k: file_sha256(p) for k, p in self.paths.items()}
         self.controller = LinearController(in_dim, action_low, action_high)
@@ -113,7 +131,7 @@ class ControllerTrainer:
             {"popsize": cc.popsize, "seed": self.cfg.seed + 1, "verbose": -9},
         )
         return {"es": es, "generation": 0, "history": [], "best": None, "np_random": np.random.get_state(),
-                "num_params": self.controller.num_params, "inputs": self.paths,
+                "num_params": self.controller.num_params, "inputs": self.paths, "env": self.cfg.controller.env,
                 "input_sha256": self.input_sha256}
 
     def load_or_create(self, overwrite: bool) -> dict:
@@ -128,6 +146,9 @@ class ControllerTrainer:
         if state.get("num_params") != self.controller.num_params:
             raise UserError(f"{self.state_path}: saved for {state.get('num_params')} controller parameters, "
                             f"V and M give {self.controller.num_params}; pass --overwrite to start over")
+        if state.get("env", "real") != self.cfg.controller.env:
+            raise UserError(f"{self.state_path}: a run with controller.env={state.get('env', 'real')}, not "
+                            f"{self.cfg.controller.env}; pass --overwrite to start over")
         if state.get("input_sha256", self.input_sha256) != self.input_sha256:
             changed = [k for k in self.input_sha256 if state["input_sha256"].get(k) != self.input_sha256[k]]
             raise UserError(f"{self.state_path}: saved for another {' and '.join(changed)} checkpoint "
@@ -144,6 +165,32 @@ class ControllerTrainer:
         ]
         results = pool.map(tasks, progress=progress)
         return results
+
+    def _training_fitness(self, pool: WorkerPool, candidates, generation: int) -> tuple[np.ndarray, dict]:
+        """Fitness float (popsize,) of one generation's candidates, and the step counts for its history row."""
+        cfg, cc = self.cfg, self.cfg.controller
+        if cc.env == "dream":
+            return self._dream_fitness(candidates, generation)
+        results = self._evaluate(pool, candidates, generation_seeds(cfg, generation), True, f"gen {generation + 1}")
+        returns = np.array([r["return"] for r in results]).reshape(len(candidates), -1)
+        counts = {"env_steps": int(sum(r["steps"] for r in results)),
+                  "early_stopped": int(sum(r["early_stopped"] for r in results))}
+        return returns.mean(axis=1), counts
+
+    def _dream_fitness(self, candidates, generation: int) -> tuple[np.ndarray, dict]:
+        """All candidates x rollouts in one batched dream rollout, from the same starts per generation."""
+        cfg, cc = self.cfg, self.cfg.controller
+        mdnrnn, starts = self.dream
+        rng = np.random.default_rng([cfg.seed, generation])
+        picked = starts[rng.integers(len(starts), size=cc.rollouts_per_candidate)]
+        r = cc.rollouts_per_candidate
+        params = np.repeat(np.asarray(candidates, dtype=np.float32), r, axis=0)  # row c * r + j
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        returns, lengths = dream_returns(
+            mdnrnn, params, np.tile(picked, (len(candidates), 1)), self.controller.low, self.controller.high,
+            cc.temperature, cc.max_steps or cfg.env.max_episode_steps, generator,
+        )
+        return returns.reshape(len(candidates), r).mean(axis=1), {"env_steps": 0, "dream_steps": int(lengths.sum())}
 
     def run(self, overwrite: bool = False) -> dict:
         cfg, cc = self.cfg, self.cfg.controller
@@ -167,15 +214,11 @@ class ControllerTrainer:
                 g = state["generation"]
                 start = time.perf_counter()
                 candidates = es.ask()
-                results = self._evaluate(pool, candidates, generation_seeds(cfg, g), True, f"gen {g + 1}")
-                returns = np.array([r["return"] for r in results]).reshape(len(candidates), -1)
-                fitness = returns.mean(axis=1)
+                fitness, counts = self._training_fitness(pool, candidates, g)
                 es.tell(candidates, (-fitness).tolist())
                 row = {
                     "generation": g + 1, "best": float(fitness.max()), "mean": float(fitness.mean()),
-                    "std": float(fitness.std()), "worst": float(fitness.min()), "sigma": float(es.sigma),
-                    "env_steps": int(sum(r["steps"] for r in results)),
-                    "early_stopped": int(sum(r["early_stopped"] for r in results)),
+                    "std": float(fitness.std()), "worst": float(fitness.min()), "sigma": float(es.sigma), **counts,
                 }
                 elapsed = state.get("elapsed_s", 0.0) + time.perf_counter() - start
                 out_of_time = budget_s > 0 and elapsed >= budget_s
@@ -196,10 +239,11 @@ class ControllerTrainer:
                 _write_history(os.path.join(self.out_dir, "history.csv"), state["history"])
                 self._save_checkpoint(state)
                 held_txt = f" held-out {row['heldout_mean']:.1f} +- {row['heldout_std']:.1f}" if "heldout_mean" in row else ""
+                kind, steps = ("dream", row["dream_steps"]) if cc.env == "dream" else ("", row["env_steps"])
                 tqdm.write(
-                    f"[05] gen {g + 1}/{cc.generations} best {row['best']:.1f} mean {row['mean']:.1f} "
-                    f"+- {row['std']:.1f} sigma {row['sigma']:.3f} steps {row['env_steps']} "
-                    f"({row['env_steps'] / row['seconds']:.0f} steps/s){held_txt}"
+                    f"[05] gen {g + 1}/{cc.generations} {kind + ' ' if kind else ''}best {row['best']:.1f} "
+                    f"mean {row['mean']:.1f} +- {row['std']:.1f} sigma {row['sigma']:.3f} {kind + ' ' if kind else ''}"
+                    f"steps {steps} ({steps / row['seconds']:.0f} steps/s){held_txt}"
                 )
                 bar.update(1)
                 if out_of_time:
@@ -208,8 +252,9 @@ class ControllerTrainer:
             bar.close()
         if state["history"]:
             cap = f", training episodes <= {cc.max_steps} steps" if cc.max_steps else ""
+            where = f"dream, tau {cc.temperature:g}" if cc.env == "dream" else "training tracks"
             plot_learning_curve(state["history"], os.path.join(self.out_dir, "learning_curve.png"),
-                                f"CMA-ES on {cfg.env.id} ({cc.popsize} x {cc.rollouts_per_candidate} rollouts{cap})")
+                                f"CMA-ES on {cfg.env.id} ({cc.popsize} x {cc.rollouts_per_candidate} rollouts{cap})", where)
         return state
 
     def _save_checkpoint(self, state: dict) -> None:

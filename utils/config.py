@@ -98,7 +98,8 @@ class MDNRNNConfig:
 
 @dataclass
 class ControllerConfig:
-    env: str = "real"  # real (the dream comes with its own issue)
+    env: str = "real"  # real: CarRacing itself | dream: inside M (held-out re-evaluations stay real)
+    temperature: float = 1.0  # tau of M's sampling in the dream (Ha & Schmidhuber section 4.5)
     popsize: int = 16  # CMA-ES population
     rollouts_per_candidate: int = 2  # fitness = mean return over this many episodes
     generations: int = 100
@@ -143,7 +144,7 @@ CHOICES = {
     "vision.kind": ("vae", "nvae"),
     "vision.likelihood": ("gaussian", "bernoulli", "logistic_mixture"),
     "vision.device": ("cpu", "cuda", "auto"),
-    "controller.env": ("real",),
+    "controller.env": ("real", "dream"),
     "evaluate.params": ("best", "mean"),
 }
 
@@ -157,7 +158,7 @@ POSITIVE = (
     "vision.nvae.groups_per_scale", "vision.nvae.latent_channels", "vision.nvae.cells_per_group",
     "latents.batch_size", "mdnrnn.hidden", "mdnrnn.gaussians", "mdnrnn.seq_len", "mdnrnn.batch_size",
     "mdnrnn.epochs", "mdnrnn.lr", "mdnrnn.workers", "controller.popsize", "controller.rollouts_per_candidate",
-    "controller.generations", "controller.sigma0", "controller.eval_every", "controller.eval_episodes",
+    "controller.generations", "controller.temperature", "controller.sigma0", "controller.eval_every", "controller.eval_episodes",
     "controller.workers", "controller.worker_timeout_s", "evaluate.episodes", "evaluate.workers",
     "evaluate.gif_every", "evaluate.gif_max_frames",
 )

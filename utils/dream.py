@@ -128,24 +128,27 @@ def dream_returns(
     temperature: float,
     max_steps: int,
     generator: torch.Generator,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Returns of B dream episodes stepped together: row i runs controller params[i] from z = starts[i].
 
     params float (B, n_params); starts float (B, z_dim). An episode ends at M's done or after
-    max_steps; finished rows stop collecting reward. Returns float64 (B,). With B = 1 and the same
-    generator state this is exactly a DreamEnv episode driven by LinearController(params[0]).
+    max_steps; finished rows stop collecting reward. Returns (returns float64 (B,), episode
+    lengths int64 (B,)). With B = 1 and the same generator state this is exactly a DreamEnv
+    episode driven by LinearController(params[0]).
     """
     z = torch.as_tensor(np.asarray(starts, np.float32)).clone()
     theta = torch.as_tensor(np.asarray(params, np.float32))
     state = mdnrnn.initial_state(len(z))
     alive = torch.ones(len(z), dtype=torch.bool)
     total = torch.zeros(len(z), dtype=torch.float64)
+    lengths = torch.zeros(len(z), dtype=torch.int64)
     for _ in range(max_steps):
         a = batched_actions(theta, torch.cat([z, state[0][0]], dim=1), action_low, action_high)
         mix, reward, done_logit, state = mdnrnn.step(z, a, state)
         z = mdn_sample(mix, temperature, generator)
         total += torch.where(alive, reward.double(), torch.zeros_like(total))
+        lengths += alive.long()
         alive &= ~(torch.sigmoid(done_logit) > DONE_THRESHOLD)
         if not alive.any():
             break
-    return total.numpy()
+    return total.numpy(), lengths.numpy()
