@@ -126,3 +126,25 @@ def test_05_trains_in_the_dream_end_to_end(tiny_run, tmp_path):
     assert rows[1]["heldout_mean"] != ""  # the transfer measurement, in the real env
     real = write_config(tmp_path, run_dir, controller={"generations": 3})
     assert_user_error(run_script("05_train_controller", real), "a run with controller.env=dream, not real")
+
+
+def test_head_metrics_and_the_heads_script(tiny_run):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from check_mdnrnn_heads import head_metrics
+
+    m = head_metrics(np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 2.0, 4.0, 6.0]),
+                     np.array([0.9, 0.2, 0.7, 0.1]), np.array([1, 1, 0, 0]))
+    assert m["reward_corr"] == pytest.approx(1.0) and m["reward_mse"] == pytest.approx(3.5)
+    assert (m["done_precision"], m["done_recall"], m["done_real"], m["done_predicted"]) == (0.5, 0.5, 2, 2)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "check_mdnrnn_heads.py"), "--config", tiny_run["config"]],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out episodes (40 steps)" in proc.stdout and "reward: Pearson r" in proc.stdout
