@@ -8,7 +8,9 @@ Plays evaluate.episodes full episodes (no early stop) on env seeds from the
 writes <run_dir>/eval/: scores.json (per-episode returns, mean, std, seeds),
 report.md, episode.gif (the frame beside V's reconstruction, for the first
 evaluation episode) and reconstructions.png (held-out frames over their
-reconstructions).
+reconstructions); for a controller trained in the dream (controller.env:
+dream), also dream.gif: that real episode beside a dream started from its
+first frame, driven by the same controller and decoded through V.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from utils.config import config_to_dict
 from utils.data import sample_frames
 from utils.envs import frames_to_tensor, make_env
 from utils.errors import UserError
+from utils.dream import DreamEnv
 from utils.io import atomic_path, load_checkpoint, read_manifest, save_json, save_text, write_manifest
 from utils.parallel import WorkerPool
 from utils.rollout import Agent, agent_task, init_agent_worker, run_agent_episode
@@ -43,12 +46,43 @@ def save_episode_gif(path: str, vision, frames: list[np.ndarray], every: int, ma
     """GIF of [frame | decode(encode(frame))] for every `every`-th frame; returns the frame count."""
     picked = np.stack(frames[::every][:max_frames])
     recon = to_uint8(vision.reconstruct(frames_to_tensor(picked)))
-    pairs = np.concatenate([picked, recon], axis=2)  # (N, S, 2S, 3)
-    size = (pairs.shape[2] * scale, pairs.shape[1] * scale)
-    images = [Image.fromarray(p).resize(size, Image.NEAREST) for p in pairs]
+    return write_gif(path, list(np.concatenate([picked, recon], axis=2)), 40 * every, scale)
+
+
+def write_gif(path: str, images: list[np.ndarray], duration_ms: int, scale: int = 2) -> int:
+    """Animated GIF of uint8 (H, W, 3) images, each scaled up `scale` times; returns the frame count."""
+    size = (images[0].shape[1] * scale, images[0].shape[0] * scale)
+    frames = [Image.fromarray(image).resize(size, Image.NEAREST) for image in images]
     with atomic_path(path) as tmp:
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=40 * every, loop=0)
-    return len(images)
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    return len(frames)
+
+
+@torch.inference_mode()
+def dream_frames(vision, mdnrnn, controller: LinearController, first_frame: np.ndarray, temperature: float,
+                 steps: int, seed: int) -> list[np.ndarray]:
+    """Frames uint8 (S, S, 3) of a dream episode driven by `controller`, starting from z = mu(first_frame),
+    each decoded through V (DreamEnv.render) at `temperature`."""
+    z0 = vision.encode(frames_to_tensor(first_frame[None]))[0].numpy()
+    env = DreamEnv(mdnrnn, z0, controller.low, controller.high, temperature, steps, vision, "rgb_array")
+    obs, _ = env.reset(seed=seed)
+    frames = [env.render()]
+    for _ in range(steps - 1):
+        z, h = torch.from_numpy(obs[: vision.z_dim])[None], torch.from_numpy(obs[vision.z_dim :])[None]
+        obs, _, terminated, truncated, _ = env.step(controller(z, h)[0].numpy())
+        frames.append(env.render())
+        if terminated or truncated:
+            break
+    return frames
+
+
+def save_side_by_side_gif(path: str, left: list[np.ndarray], right: list[np.ndarray], every: int, max_frames: int,
+                          scale: int = 2) -> int:
+    """GIF of [left | right] for every `every`-th step (the shorter episode holds its last frame)."""
+    n = max(len(left), len(right))
+    pick = list(range(0, n, every))[:max_frames]
+    pairs = [np.concatenate([left[min(i, len(left) - 1)], right[min(i, len(right) - 1)]], axis=1) for i in pick]
+    return write_gif(path, pairs, 40 * every, scale)
 
 
 @torch.inference_mode()
@@ -169,6 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     n_gif = save_episode_gif(os.path.join(out_dir, "episode.gif"), vision, episode.frames, ec.gif_every, ec.gif_max_frames)
     held_out = load_checkpoint(vision_path, vision.kind).get("split", {}).get("held_out", [])
     media = {f"episode {seeds[0]} (return {episode.ret:.1f}): frame | reconstruction": "episode.gif"}
+    if cfg.controller.env == "dream":  # the controller in M's dream beside the same controller on the real track
+        dream = dream_frames(vision, mdnrnn, controller, episode.frames[0], cfg.controller.temperature,
+                             len(episode.frames), cfg.seed)
+        save_side_by_side_gif(os.path.join(out_dir, "dream.gif"), episode.frames, dream, ec.gif_every, ec.gif_max_frames)
+        media[f"real episode {seeds[0]} | dream from its first frame (tau {cfg.controller.temperature:g}), same C"] = "dream.gif"
     if held_out and ec.recon_frames > 0:
         files = [os.path.join(stage_dir(cfg, "rollouts"), f) for f in held_out]
         files = [f for f in files if os.path.exists(f)]

@@ -124,6 +124,12 @@ def test_05_trains_in_the_dream_end_to_end(tiny_run, tmp_path):
     assert [int(r["generation"]) for r in rows] == [1, 2]
     assert all(int(r["env_steps"]) == 0 and 0 < int(r["dream_steps"]) <= 4 * 30 for r in rows)
     assert rows[1]["heldout_mean"] != ""  # the transfer measurement, in the real env
+    assert_ok(run_script("06_evaluate", config))  # 3 real episodes, and the dream GIF beside the first
+    from PIL import Image
+
+    gif = Image.open(run_dir / "eval" / "dream.gif")
+    assert gif.size == (2 * 64 * 2, 64 * 2) and gif.n_frames > 1
+    assert "dream.gif" in open(run_dir / "eval" / "report.md").read()
     real = write_config(tmp_path, run_dir, controller={"generations": 3})
     assert_user_error(run_script("05_train_controller", real), "a run with controller.env=dream, not real")
 
