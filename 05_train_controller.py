@@ -7,7 +7,8 @@ Reads V (<run_dir>/vision/best.pt) and M (<run_dir>/mdnrnn/best.pt), runs
 CMA-ES with a pool of worker processes that each hold an env plus V and M
 (controller.env=real), or with the population stepped as one torch batch
 inside M from the starts of stage 03's latent episodes (controller.env=dream;
-the pool then only re-evaluates the CMA-ES mean in the real env), and writes <run_dir>/controller/: controller.pt, history.csv, learning_curve.png,
+the pool then only re-evaluates the CMA-ES mean in the real env), and writes
+<run_dir>/controller/: controller.pt, history.csv, learning_curve.png,
 cmaes_state.pkl and manifest.json. A killed run resumes where it stopped when
 the same command is run again; --overwrite starts over.
 """
