@@ -29,8 +29,8 @@ from utils.config import config_to_dict
 from utils.data import sample_frames
 from utils.envs import frames_to_tensor, make_env
 from utils.errors import UserError
-from utils.dream import DreamEnv
-from utils.io import atomic_path, load_checkpoint, read_manifest, save_json, save_text, write_manifest
+from utils.dream import DreamEnv, dream_returns, start_latents
+from utils.io import atomic_path, list_episodes, load_checkpoint, read_manifest, save_json, save_text, write_manifest
 from utils.parallel import WorkerPool
 from utils.rollout import Agent, agent_task, init_agent_worker, run_agent_episode
 from utils.seeding import env_seed
@@ -76,6 +76,22 @@ def dream_frames(vision, mdnrnn, controller: LinearController, first_frame: np.n
     return frames
 
 
+@torch.inference_mode()
+def dream_score(cfg, mdnrnn, controller: LinearController, params: np.ndarray, episodes: int) -> dict:
+    """Return of `params` in M's dream at controller.temperature: `episodes` batched dream episodes from
+    start latents of stage 03's episodes (drawn with the "evaluate" seed stream), <= max_steps each."""
+    starts = start_latents(list_episodes(stage_dir(cfg, "latents"), "latents"))
+    rng = np.random.default_rng(env_seed(cfg.seed, "evaluate", 0))
+    picked = starts[rng.integers(len(starts), size=episodes)]
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    returns, lengths = dream_returns(
+        mdnrnn, np.repeat(np.asarray(params, np.float32)[None], episodes, axis=0), picked, controller.low,
+        controller.high, cfg.controller.temperature, cfg.evaluate.max_steps or cfg.env.max_episode_steps, generator,
+    )
+    return {"temperature": cfg.controller.temperature, "episodes": episodes, "mean": float(returns.mean()),
+            "std": float(returns.std()), "mean_length": float(lengths.mean()), "returns": returns.tolist()}
+
+
 def save_side_by_side_gif(path: str, left: list[np.ndarray], right: list[np.ndarray], every: int, max_frames: int,
                           scale: int = 2) -> int:
     """GIF of [left | right] for every `every`-th step (the shorter episode holds its last frame)."""
@@ -118,6 +134,12 @@ def write_report(path: str, cfg, scores: dict, budget: dict, media: dict) -> Non
         "| --- | --- | --- | --- | --- | --- |",
         f"| {cfg.env.id} | {scores['episodes']} | {scores['mean']:.1f} +- {scores['std']:.1f} | "
         f"{scores['min']:.1f} | {scores['max']:.1f} | {scores['params']} (generation {scores['params_generation']}) |",
+    ]
+    if "dream" in scores:
+        d = scores["dream"]
+        lines.append(f"| dream (M at tau {d['temperature']:g}) | {d['episodes']} | {d['mean']:.1f} +- {d['std']:.1f} | "
+                     f"{min(d['returns']):.1f} | {max(d['returns']):.1f} | same |")
+    lines += [
         "",
         f"Evaluation seeds {scores['seeds'][0]}..{scores['seeds'][-1]} are disjoint from every training seed "
         "(the `best` parameters were picked on the CMA-ES held-out tracks, which are not these either).",
@@ -193,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         "params_generation": generation,
         "controller": os.path.abspath(controller_path),
     }
+    if cfg.controller.env == "dream":  # the score C believes it has, beside the real one (Ha & Schmidhuber's Doom table)
+        scores["dream"] = dream_score(cfg, mdnrnn, controller, params, ec.episodes)
     save_json(os.path.join(out_dir, "scores.json"), scores)
 
     # Media: replay the first evaluation episode in this process, recording frames.
@@ -227,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"[06] {cfg.env.id}: {scores['mean']:.1f} +- {scores['std']:.1f} over {len(returns)} held-out episodes "
           f"(min {scores['min']:.1f}, max {scores['max']:.1f}); report: {os.path.join(out_dir, 'report.md')}")
+    if "dream" in scores:
+        d = scores["dream"]
+        print(f"[06] dream (tau {d['temperature']:g}): {d['mean']:.1f} +- {d['std']:.1f} over {d['episodes']} dream episodes")
 
 
 if __name__ == "__main__":

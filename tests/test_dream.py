@@ -129,7 +129,14 @@ def test_05_trains_in_the_dream_end_to_end(tiny_run, tmp_path):
 
     gif = Image.open(run_dir / "eval" / "dream.gif")
     assert gif.size == (2 * 64 * 2, 64 * 2) and gif.n_frames > 1
-    assert "dream.gif" in open(run_dir / "eval" / "report.md").read()
+    report = open(run_dir / "eval" / "report.md").read()
+    assert "dream.gif" in report and "| dream (M at tau 1.15) | 3 |" in report
+    import json
+
+    scores = json.load(open(run_dir / "eval" / "scores.json"))
+    dream = scores["dream"]  # the score C has in the dream, beside the real one
+    assert dream["temperature"] == 1.15 and dream["episodes"] == len(dream["returns"]) == 3
+    assert np.mean(dream["returns"]) == pytest.approx(dream["mean"]) and 1 <= dream["mean_length"] <= 40  # evaluate.max_steps
     real = write_config(tmp_path, run_dir, controller={"generations": 3})
     assert_user_error(run_script("05_train_controller", real), "a run with controller.env=dream, not real")
 
