@@ -2,15 +2,23 @@
 """Stage 06: evaluate the trained controller on held-out tracks and write the report.
 
     python 06_evaluate.py --config configs/carracing_vae.yaml [--set evaluate.episodes=100]
+    python 06_evaluate.py --compare runs/carracing_vae runs/carracing_nvae ... [--out runs/compare.md]
 
 Plays evaluate.episodes full episodes (no early stop) on env seeds from the
 "evaluate" stream, disjoint from every training seed (utils/seeding.py), and
 writes <run_dir>/eval/: scores.json (per-episode returns, mean, std, seeds),
 report.md, episode.gif (the frame beside V's reconstruction, for the first
 evaluation episode) and reconstructions.png (held-out frames over their
-reconstructions); for a controller trained in the dream (controller.env:
-dream), also dream.gif: that real episode beside a dream started from its
+reconstructions), training_curves.png (V, M and C per epoch / generation)
+and fid.json (FID of V's reconstructions and prior samples against
+evaluate.fid_frames held-out frames, through the optional pytorch-fid extra;
+without it, one line says what is missing and the rest is still written). For
+a controller trained in the dream (controller.env: dream), also the dream
+score at tau and dream.gif: that real episode beside a dream started from its
 first frame, driven by the same controller and decoded through V.
+
+--compare builds one report from several evaluated runs, mirroring the
+thesis's tables (utils/report.py), and writes it to --out.
 """
 
 from __future__ import annotations
@@ -26,12 +34,14 @@ from models import load_world_model
 from models.controller import LinearController
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
+from utils.fid import fid_unavailable, vision_fid
 from utils.data import sample_frames
 from utils.envs import frames_to_tensor, make_env
 from utils.errors import UserError
 from utils.dream import DreamEnv, dream_returns, start_latents
-from utils.io import atomic_path, list_episodes, load_checkpoint, read_manifest, save_json, save_text, write_manifest
+from utils.io import atomic_path, list_episodes, load_checkpoint, save_json, write_manifest
 from utils.parallel import WorkerPool
+from utils.report import budget_summary, plot_training_curves, write_compare_report, write_run_report
 from utils.rollout import Agent, agent_task, init_agent_worker, run_agent_episode
 from utils.seeding import env_seed
 
@@ -112,69 +122,46 @@ def save_reconstruction_grid(path: str, vision, frames: np.ndarray, scale: int =
         image.save(tmp, format="PNG")
 
 
-def budget_summary(cfg) -> dict:
-    """What each upstream stage cost, read from the manifests (missing ones are skipped)."""
-    out = {}
-    for name in ("rollouts", "vision", "latents", "mdnrnn", "controller"):
-        if os.path.isfile(os.path.join(stage_dir(cfg, name), "manifest.json")):
-            m = read_manifest(stage_dir(cfg, name))
-            out[name] = {"wall_s": m["wall_s"], **{k: v for k, v in m["metrics"].items() if not isinstance(v, dict)}}
-    return out
+def held_out_frames(cfg, vision_path: str, n: int) -> np.ndarray | None:
+    """n frames uint8 (n, S, S, 3) of V's held-out rollouts (None when the split or the files are gone)."""
+    held_out = load_checkpoint(vision_path, cfg.vision.kind).get("split", {}).get("held_out", [])
+    files = [os.path.join(stage_dir(cfg, "rollouts"), f) for f in held_out]
+    files = [f for f in files if os.path.exists(f)]
+    return sample_frames(files, n, cfg.seed) if files and n > 0 else None
 
 
-def write_report(path: str, cfg, scores: dict, budget: dict, media: dict) -> None:
-    c, r = cfg.controller, cfg.rollouts
-    lines = [
-        f"# Evaluation: {cfg.run_dir}",
-        "",
-        f"World model: V = {cfg.vision.kind} (z = {cfg.vision.z_dim}), M = MDN-RNN ({cfg.mdnrnn.hidden} units, "
-        f"{cfg.mdnrnn.gaussians} Gaussians), C = linear, trained with CMA-ES in the {c.env} env.",
-        "",
-        "| env | episodes | mean +- std | min | max | controller params |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| {cfg.env.id} | {scores['episodes']} | {scores['mean']:.1f} +- {scores['std']:.1f} | "
-        f"{scores['min']:.1f} | {scores['max']:.1f} | {scores['params']} (generation {scores['params_generation']}) |",
-    ]
-    if "dream" in scores:
-        d = scores["dream"]
-        lines.append(f"| dream (M at tau {d['temperature']:g}) | {d['episodes']} | {d['mean']:.1f} +- {d['std']:.1f} | "
-                     f"{min(d['returns']):.1f} | {max(d['returns']):.1f} | same |")
-    lines += [
-        "",
-        f"Evaluation seeds {scores['seeds'][0]}..{scores['seeds'][-1]} are disjoint from every training seed "
-        "(the `best` parameters were picked on the CMA-ES held-out tracks, which are not these either).",
-        "",
-        "## Budget",
-        "",
-        "| stage | wall time (s) | size |",
-        "| --- | --- | --- |",
-    ]
-    # What actually ran, from the manifests (a wall-time limit can stop 05 before controller.generations).
-    sizes = {
-        "rollouts": lambda b: f"{b.get('episodes_on_disk')} random-policy episodes ({r.policy})",
-        "vision": lambda b: f"{b.get('epochs')} epochs (best: {b.get('best_epoch')})",
-        "latents": lambda b: f"{b.get('episodes')} episodes",
-        "mdnrnn": lambda b: f"{b.get('epochs')} epochs (best: {b.get('best_epoch')})",
-        "controller": lambda b: f"{b.get('generations')} generations x {c.popsize} candidates x "
-        f"{c.rollouts_per_candidate} rollouts, {b.get('env_steps')} env steps",
-    }
-    for name, b in budget.items():
-        lines.append(f"| {name} | {b['wall_s']:.0f} | {sizes[name](b)} |")
-    total = sum(b["wall_s"] for name, b in budget.items())
-    lines.append(f"| total 01-05 | {total:.0f} ({total / 60:.1f} min) | |")
-    lines += ["", "## Media", ""]
-    for title, rel in media.items():
-        lines.append(f"![{title}]({rel})")
-        lines.append("")
-    save_text(path, "\n".join(lines) + "\n")
+def compute_fid(cfg, vision, vision_path: str) -> dict:
+    """FID of V's reconstructions and prior samples against evaluate.fid_frames held-out frames, or
+    {"skipped": reason} (the reason is printed)."""
+    reason = fid_unavailable()
+    frames = None if reason else held_out_frames(cfg, vision_path, cfg.evaluate.fid_frames)
+    if frames is None and not reason:
+        reason = "FID skipped: no held-out rollouts on disk (V's split names files under <run_dir>/rollouts)"
+    if reason:
+        print(f"[06] {reason}")
+        return {"skipped": reason}
+    if len(frames) < cfg.evaluate.fid_frames:
+        print(f"[06] FID: only {len(frames)} held-out frames on disk (evaluate.fid_frames={cfg.evaluate.fid_frames})")
+    fid = vision_fid(vision, frames_to_tensor(frames), cfg.seed)
+    print(f"[06] FID over N = {fid['frames']} held-out frames: reconstructions {fid['recon']:.2f}, "
+          f"prior samples {fid['prior']:.2f}")
+    return fid
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(__doc__.splitlines()[1])
+    parser = stage_parser(__doc__.splitlines()[1], config_required=False)
     parser.add_argument("--vision", help="vision checkpoint (default: <run_dir>/vision/best.pt)")
     parser.add_argument("--mdnrnn", help="MDN-RNN checkpoint (default: <run_dir>/mdnrnn/best.pt)")
     parser.add_argument("--controller", help="controller checkpoint (default: <run_dir>/controller/controller.pt)")
+    parser.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="evaluated runs to compare (no --config)")
+    parser.add_argument("--out", default="runs/compare.md", help="where --compare writes its report")
     args = parser.parse_args(argv)
+    if args.compare:
+        write_compare_report(args.compare, args.out)
+        print(f"[06] comparison of {len(args.compare)} runs: {args.out}")
+        return
+    if not args.config:
+        parser.error("--config is required (or --compare RUN_DIR ...)")
     cfg = load_stage_config(args)
     ec = cfg.evaluate
     vision_path = args.vision or os.path.join(stage_dir(cfg, "vision"), "best.pt")
@@ -225,24 +212,23 @@ def main(argv: list[str] | None = None) -> None:
     episode = run_agent_episode(env, Agent(vision, mdnrnn, controller, cfg.env), seeds[0], ec.max_steps, record=True)
     env.close()
     n_gif = save_episode_gif(os.path.join(out_dir, "episode.gif"), vision, episode.frames, ec.gif_every, ec.gif_max_frames)
-    held_out = load_checkpoint(vision_path, vision.kind).get("split", {}).get("held_out", [])
     media = {f"episode {seeds[0]} (return {episode.ret:.1f}): frame | reconstruction": "episode.gif"}
     if cfg.controller.env == "dream":  # the controller in M's dream beside the same controller on the real track
         dream = dream_frames(vision, mdnrnn, controller, episode.frames[0], cfg.controller.temperature,
                              len(episode.frames), cfg.seed)
         save_side_by_side_gif(os.path.join(out_dir, "dream.gif"), episode.frames, dream, ec.gif_every, ec.gif_max_frames)
         media[f"real episode {seeds[0]} | dream from its first frame (tau {cfg.controller.temperature:g}), same C"] = "dream.gif"
-    if held_out and ec.recon_frames > 0:
-        files = [os.path.join(stage_dir(cfg, "rollouts"), f) for f in held_out]
-        files = [f for f in files if os.path.exists(f)]
-        if files:
-            frames = sample_frames(files, ec.recon_frames, cfg.seed)
-            save_reconstruction_grid(os.path.join(out_dir, "reconstructions.png"), vision, frames)
-            media["held-out frames (top) and reconstructions (bottom)"] = "reconstructions.png"
-    if os.path.exists(os.path.join(stage_dir(cfg, "controller"), "learning_curve.png")):
-        media["CMA-ES learning curve"] = "../controller/learning_curve.png"
-    budget = budget_summary(cfg)
-    write_report(os.path.join(out_dir, "report.md"), cfg, scores, budget, media)
+    frames = held_out_frames(cfg, vision_path, ec.recon_frames)
+    if frames is not None:
+        save_reconstruction_grid(os.path.join(out_dir, "reconstructions.png"), vision, frames)
+        media["held-out frames (top) and reconstructions (bottom)"] = "reconstructions.png"
+    if plot_training_curves(cfg.run_dir, os.path.join(out_dir, "training_curves.png")):
+        media["training curves: V and M per epoch, C per generation"] = "training_curves.png"
+    fid = None
+    if ec.fid_frames > 0:
+        fid = compute_fid(cfg, vision, vision_path)
+        save_json(os.path.join(out_dir, "fid.json"), fid)
+    write_run_report(os.path.join(out_dir, "report.md"), cfg, scores, budget_summary(cfg.run_dir), media, fid)
     wall = time.perf_counter() - start
     write_manifest(
         out_dir, "06_evaluate", config_to_dict(cfg),

@@ -33,7 +33,7 @@ TINY = {
         "popsize": 4, "rollouts_per_candidate": 1, "generations": 2, "max_steps": 30,
         "early_stop_steps": 20, "eval_every": 2, "eval_episodes": 1, "workers": 2,
     },
-    "evaluate": {"episodes": 3, "max_steps": 40, "workers": 2, "recon_frames": 4},
+    "evaluate": {"episodes": 3, "max_steps": 40, "workers": 2, "recon_frames": 4, "fid_frames": 8},
 }
 
 

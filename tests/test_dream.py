@@ -110,8 +110,10 @@ def test_05_trains_in_the_dream_end_to_end(tiny_run, tmp_path):
     import csv
     import os
     import shutil
+    import subprocess
+    import sys
 
-    from conftest import assert_ok, assert_user_error, run_script, write_config
+    from conftest import ROOT, assert_ok, assert_user_error, run_script, write_config
 
     run_dir = tmp_path / "run"
     for stage in ("vision", "latents", "mdnrnn"):
@@ -137,6 +139,12 @@ def test_05_trains_in_the_dream_end_to_end(tiny_run, tmp_path):
     dream = scores["dream"]  # the score C has in the dream, beside the real one
     assert dream["temperature"] == 1.15 and dream["episodes"] == len(dream["returns"]) == 3
     assert np.mean(dream["returns"]) == pytest.approx(dream["mean"]) and 1 <= dream["mean_length"] <= 40  # evaluate.max_steps
+    out = tmp_path / "compare.md"  # Table 2 of the comparison: the real and the dream score of this run
+    assert_ok(subprocess.run([sys.executable, os.path.join(ROOT, "06_evaluate.py"), "--compare", str(run_dir),
+                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120))
+    row = next(line for line in out.read_text().split("## Table 2")[1].splitlines() if f"`{run_dir}`" in line)
+    assert f"| {scores['mean']:.1f} +- {scores['std']:.1f} (3) | {dream['mean']:.1f} +- {dream['std']:.1f} (3) | 694 +- 16 |" in row
+    assert "2 x 4 x 1, tau 1.15" in row and "## Table 1" not in out.read_text()
     real = write_config(tmp_path, run_dir, controller={"generations": 3})
     assert_user_error(run_script("05_train_controller", real), "a run with controller.env=dream, not real")
 

@@ -26,10 +26,10 @@ STAGE_DIRS = {
 }
 
 
-def stage_parser(description: str) -> argparse.ArgumentParser:
+def stage_parser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
     """The arguments every stage takes: --config FILE and --set section.key=value ..."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="experiment YAML file (see configs/)")
+    parser.add_argument("--config", required=config_required, help="experiment YAML file (see configs/)")
     parser.add_argument(
         "--set", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
         help="override config keys; may be repeated (--set a.b=1 --set c.d=2)",

@@ -74,18 +74,12 @@ def _write_history(path: str, history: list[dict]) -> None:
     save_text(path, buf.getvalue())
 
 
-def plot_learning_curve(history: list[dict], path: str, title: str, where: str = "training tracks") -> None:
-    """PNG of best and mean fitness per generation (+- std band, played on `where`) and the
-    held-out re-evaluations in the real env."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw_fitness(ax, history: list[dict], where: str = "training tracks") -> None:
+    """Best and mean fitness per generation (+- std band, played on `where`) and the held-out
+    re-evaluations of the CMA-ES mean in the real env, on a matplotlib Axes."""
     gens = [r["generation"] for r in history]
     mean = np.array([r["mean"] for r in history])
     std = np.array([r["std"] for r in history])
-    fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(gens, [r["best"] for r in history], label=f"best candidate ({where})", color="tab:green")
     ax.plot(gens, mean, label=f"population mean +- std ({where})", color="tab:blue")
     ax.fill_between(gens, mean - std, mean + std, color="tab:blue", alpha=0.2)
@@ -95,8 +89,19 @@ def plot_learning_curve(history: list[dict], path: str, title: str, where: str =
         ax.errorbar(g, m, yerr=s, fmt="o-", color="tab:red", capsize=3, label="CMA-ES mean, held-out real tracks (full episodes)")
     ax.set_xlabel("generation")
     ax.set_ylabel("return")
-    ax.set_title(title)
     ax.grid(alpha=0.3)
+
+
+def plot_learning_curve(history: list[dict], path: str, title: str, where: str = "training tracks") -> None:
+    """PNG of `draw_fitness` for the whole run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    draw_fitness(ax, history, where)
+    ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -123,6 +123,7 @@ class EvaluateConfig:
     gif_every: int = 2  # keep every n-th frame in the GIF
     gif_max_frames: int = 300
     recon_frames: int = 16  # held-out frames in the reconstruction grid
+    fid_frames: int = 1000  # N held-out frames for FID (reconstructions and prior samples); 0: no FID
 
 
 @dataclass
@@ -166,7 +167,7 @@ NON_NEGATIVE = (
     "seed", "rollouts.max_steps", "vision.kl_tolerance", "vision.nvae.preprocess_blocks", "vision.nvae.num_flows",
     "vision.nvae.kl_warmup_fraction", "vision.nvae.spectral_lambda", "controller.max_steps",
     "controller.early_stop_steps", "controller.max_retries", "controller.max_wall_minutes",
-    "evaluate.max_steps", "evaluate.recon_frames",
+    "evaluate.max_steps", "evaluate.recon_frames", "evaluate.fid_frames",
 )
 FRACTIONS = ("vision.holdout_fraction", "mdnrnn.holdout_fraction")
 

@@ -183,8 +183,16 @@ def library_versions() -> dict[str, str]:
 def write_manifest(
     stage_dir: str, stage: str, cfg_dict: dict, inputs: dict, wall_s: float, metrics: dict
 ) -> None:
-    """Write `manifest.json` (and the resolved `config.yaml`) describing a finished stage."""
+    """Write `manifest.json` (and the resolved `config.yaml`) describing a finished stage.
+
+    cpu_s is the CPU time (user + system, s) of this process and of its finished worker processes so
+    far: one stage per process, so it is the stage's cost in CPU-seconds (of this invocation).
+    """
+    import resource
+
     import yaml
+
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
 
     save_text(os.path.join(stage_dir, "config.yaml"), yaml.safe_dump(cfg_dict, sort_keys=False))
     save_json(
@@ -193,6 +201,7 @@ def write_manifest(
             "stage": stage,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "wall_s": round(wall_s, 2),
+            "cpu_s": round(sum(u.ru_utime + u.ru_stime for u in usage), 2),
             "git_commit": git_commit(),
             "versions": library_versions(),
             "inputs": inputs,
