@@ -1,12 +1,20 @@
 #!/usr/bin/env python
-"""Stage 01: record random-policy rollouts of the real env.
+"""Stage 01: record rollouts of the real env, with a random policy or a trained controller.
 
     python 01_generate_rollouts.py --config configs/carracing_vae.yaml
+    python 01_generate_rollouts.py --config CFG --set rollouts.episodes=90 rollouts.policy=controller \
+        rollouts.controller=runs/carracing_vae/controller/controller.pt   # iterative training
 
 Writes <run_dir>/rollouts/episode_NNNNN.npz (one per episode, written
 atomically; see utils/rollout.py for the arrays) and manifest.json. Episode i
 uses env seed utils.seeding.env_seed(seed, "rollouts", i). Rerunning skips the
 episodes already on disk, so a killed run resumes.
+
+rollouts.policy=controller plays the trained C of rollouts.controller, with the
+V and M it was trained with, plus N(0, rollouts.action_noise^2) action noise
+(Ha & Schmidhuber's iterative training, section 5): raising rollouts.episodes
+above what is on disk adds such episodes beside the random ones, and 03 and 04
+then retrain M on both.
 """
 
 from __future__ import annotations
@@ -19,26 +27,46 @@ from tqdm import tqdm
 
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
-from utils.io import episode_path, list_episodes, write_manifest
+from utils.errors import UserError
+from utils.io import episode_path, list_episodes, load_checkpoint, write_manifest
 from utils.parallel import WorkerPool
 from utils.rollout import init_rollout_worker, rollout_task
 from utils.seeding import env_seed
 
 
+def agent_paths(cfg) -> dict | None:
+    """{"vision", "mdnrnn", "controller"} checkpoints for rollouts.policy=controller (None otherwise).
+
+    Raises:
+        UserError: rollouts.controller unset, not a controller checkpoint, or its V / M gone.
+    """
+    if cfg.rollouts.policy != "controller":
+        return None
+    path = cfg.rollouts.controller
+    if not path:
+        raise UserError("rollouts.controller: rollouts.policy=controller needs the path of a trained controller.pt")
+    inputs = load_checkpoint(path, "controller")["inputs"]
+    load_checkpoint(inputs["vision"], ("vae", "nvae"))
+    load_checkpoint(inputs["mdnrnn"], "mdnrnn")
+    return {"vision": inputs["vision"], "mdnrnn": inputs["mdnrnn"], "controller": os.path.abspath(path)}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__.splitlines()[1]).parse_args(argv)
     cfg = load_stage_config(args)
+    agent = agent_paths(cfg)
     out_dir = stage_dir(cfg, "rollouts")
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
 
     todo = [i for i in range(cfg.rollouts.episodes) if not os.path.exists(episode_path(out_dir, i))]
     skipped = cfg.rollouts.episodes - len(todo)
-    print(f"[01] {cfg.env.id}: {len(todo)} episodes to record, {skipped} already in {out_dir}")
+    who = f"controller {agent['controller']} + noise {cfg.rollouts.action_noise:g}" if agent else cfg.rollouts.policy
+    print(f"[01] {cfg.env.id}: {len(todo)} episodes to record ({who}), {skipped} already in {out_dir}")
     stats = []
     if todo:
         tasks = [(i, env_seed(cfg.seed, "rollouts", i)) for i in todo]
-        with WorkerPool(cfg.rollouts.workers, init_rollout_worker, (cfg.env, cfg.rollouts, out_dir), rollout_task) as pool:
+        with WorkerPool(cfg.rollouts.workers, init_rollout_worker, (cfg.env, cfg.rollouts, out_dir, agent), rollout_task) as pool:
             stats = pool.map(tasks, progress="01 rollouts")
     wall = time.perf_counter() - start
     steps = sum(s["steps"] for s in stats)
@@ -48,14 +76,15 @@ def main(argv: list[str] | None = None) -> None:
         "episodes_recorded": len(stats),
         "steps_recorded": steps,
         "steps_per_s": steps / wall if stats else None,
-        "random_return_mean": float(np.mean(returns)) if returns else None,
+        "policy": cfg.rollouts.policy,
+        "random_return_mean": float(np.mean(returns)) if returns else None,  # of the episodes recorded now
         "random_return_std": float(np.std(returns)) if returns else None,
     }
     write_manifest(out_dir, "01_generate_rollouts", config_to_dict(cfg), {}, wall, metrics)
     if stats:
         tqdm.write(
             f"[01] recorded {len(stats)} episodes, {steps} steps in {wall:.1f} s "
-            f"({steps / wall:.0f} steps/s); random-policy return {np.mean(returns):.1f} +- {np.std(returns):.1f}"
+            f"({steps / wall:.0f} steps/s); {cfg.rollouts.policy}-policy return {np.mean(returns):.1f} +- {np.std(returns):.1f}"
         )
 
 

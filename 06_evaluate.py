@@ -13,9 +13,11 @@ reconstructions), training_curves.png (V, M and C per epoch / generation)
 and fid.json (FID of V's reconstructions and prior samples against
 evaluate.fid_frames held-out frames, through the optional pytorch-fid extra;
 without it, one line says what is missing and the rest is still written). For
-a controller trained in the dream (controller.env: dream), also the dream
-score at tau and dream.gif: that real episode beside a dream started from its
-first frame, driven by the same controller and decoded through V.
+a controller trained in the dream (controller.env: dream), also dream.gif:
+that real episode beside a dream started from its
+first frame, driven by the same controller and decoded through V. Where
+stage 03's latents exist, scores.json also holds C's score in M's dream at
+controller.temperature, whichever env C was trained in.
 
 --compare builds one report from several evaluated runs, mirroring the
 thesis's tables (utils/report.py), and writes it to --out.
@@ -202,7 +204,10 @@ def main(argv: list[str] | None = None) -> None:
         "params_generation": generation,
         "controller": os.path.abspath(controller_path),
     }
-    if cfg.controller.env == "dream":  # the score C believes it has, beside the real one (Ha & Schmidhuber's Doom table)
+    # The dream's verdict on this C beside the real one: for a dream-trained C, the score it believes it has
+    # (Ha & Schmidhuber's Doom table); for a real-trained C, whether M's dream recognises a driver at all.
+    latents = stage_dir(cfg, "latents")
+    if os.path.isdir(latents) and any(name.endswith(".npz") for name in os.listdir(latents)):
         scores["dream"] = dream_score(cfg, mdnrnn, controller, params, ec.episodes)
     save_json(os.path.join(out_dir, "scores.json"), scores)
 

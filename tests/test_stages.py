@@ -39,7 +39,7 @@ def test_01_rerun_skips_episodes_on_disk(tiny_run):
     before = {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder) if f.endswith(".npz")}
     proc = run_script("01_generate_rollouts", tiny_run["config"])
     assert_ok(proc)
-    assert "0 episodes to record, 3 already" in proc.stdout
+    assert "0 episodes to record (brownian), 3 already" in proc.stdout
     after = {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in before}
     assert before == after
 
@@ -139,3 +139,32 @@ def test_06_evaluation(tiny_run):
     assert grid.size == (4 * 64 * 2, 2 * 64 * 2)
     out = tiny_run["outputs"]["06_evaluate"].stdout
     assert f"{scores['mean']:.1f} +- {scores['std']:.1f} over 3 held-out episodes" in out
+
+
+def test_01_records_with_a_trained_controller_for_iterative_training(tiny_run, tmp_path):
+    """rollouts.policy=controller adds episodes played by a trained V-M-C agent plus action noise beside
+    the random ones already on disk; noise 0 replays C's own actions exactly."""
+    import shutil
+
+    from conftest import assert_ok, assert_user_error, run_script, write_config
+
+    controller = os.path.join(tiny_run["run_dir"], "controller", "controller.pt")
+    played = {}
+    for noise in (0.0, 0.0, 0.3):
+        run_dir = tmp_path / f"run{len(played)}"
+        shutil.copytree(os.path.join(tiny_run["run_dir"], "rollouts"), run_dir / "rollouts")
+        rollouts = {"episodes": 4, "max_steps": 40, "workers": 1, "policy": "controller", "controller": controller,
+                    "action_noise": noise}
+        proc = run_script("01_generate_rollouts", write_config(tmp_path, run_dir, rollouts=rollouts))
+        assert_ok(proc)
+        assert "1 episodes to record (controller" in proc.stdout
+        ep = np.load(run_dir / "rollouts" / "episode_00003.npz")
+        assert ep["obs"].shape == (40, 64, 64, 3) and ep["actions"].shape == (40, 3)
+        assert (ep["actions"][:, 1:] >= 0).all() and (np.abs(ep["actions"]) <= 1).all()  # gas, brake in [0, 1]
+        played[len(played)] = ep["actions"]
+    np.testing.assert_array_equal(played[0], played[1])  # deterministic without noise
+    assert 0.05 < np.abs(played[2] - played[0]).mean() < 0.5
+
+    bad = write_config(tmp_path, tmp_path / "bad", rollouts={"episodes": 1, "policy": "controller"})
+    assert_user_error(run_script("01_generate_rollouts", bad), "rollouts.controller")
+    assert not (tmp_path / "bad").exists()

@@ -33,9 +33,11 @@ class EnvConfig:
 
 @dataclass
 class RolloutsConfig:
-    episodes: int = 1000  # random-policy episodes to record for V and M
-    policy: str = "brownian"  # brownian (ctallec/world-models) | uniform
+    episodes: int = 1000  # episodes to record for V and M (indices already on disk are skipped)
+    policy: str = "brownian"  # brownian (ctallec/world-models) | uniform | controller (a trained C, below)
     brownian_dt: float = 0.02  # step of the brownian action walk: a += sqrt(dt) * N(0, 1)
+    controller: str = ""  # policy=controller: controller.pt of a trained run (plays with the V and M it was trained with)
+    action_noise: float = 0.1  # policy=controller: std of the Gaussian noise added to C's action (then clipped)
     max_steps: int = 0  # cap on steps per recorded episode (0: env.max_episode_steps)
     workers: int = 2  # parallel worker processes
 
@@ -141,7 +143,7 @@ class Config:
 
 # Allowed values of string keys: a typo here is as bad as a typo in a key name.
 CHOICES = {
-    "rollouts.policy": ("brownian", "uniform"),
+    "rollouts.policy": ("brownian", "uniform", "controller"),
     "vision.kind": ("vae", "nvae"),
     "vision.likelihood": ("gaussian", "bernoulli", "logistic_mixture"),
     "vision.device": ("cpu", "cuda", "auto"),
@@ -164,7 +166,7 @@ POSITIVE = (
     "evaluate.gif_every", "evaluate.gif_max_frames",
 )
 NON_NEGATIVE = (
-    "seed", "rollouts.max_steps", "vision.kl_tolerance", "vision.nvae.preprocess_blocks", "vision.nvae.num_flows",
+    "seed", "rollouts.max_steps", "rollouts.action_noise", "vision.kl_tolerance", "vision.nvae.preprocess_blocks", "vision.nvae.num_flows",
     "vision.nvae.kl_warmup_fraction", "vision.nvae.spectral_lambda", "controller.max_steps",
     "controller.early_stop_steps", "controller.max_retries", "controller.max_wall_minutes",
     "evaluate.max_steps", "evaluate.recon_frames", "evaluate.fid_frames",

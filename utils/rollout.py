@@ -1,4 +1,8 @@
-"""Episodes in the real env: random-policy recording (stage 01) and the V-M-C agent (05, 06).
+"""Episodes in the real env: rollout recording (stage 01) and the V-M-C agent (01, 05, 06).
+
+Stage 01 records with a random policy or, for Ha & Schmidhuber's iterative
+training (section 5), with a trained V-M-C agent plus Gaussian action noise,
+so that M also sees what happens when the car drives.
 
 The frame of an episode follows this path: env observation (uint8 96x96x3)
 -> `preprocess_frame` (uint8 64x64x3) -> V.encode -> z = mu (32,) ->
@@ -23,16 +27,23 @@ from utils.io import episode_path, save_npz
 # ---------------------------------------------------------------- stage 01: random rollouts
 
 
-def record_random_episode(env, env_cfg: EnvConfig, ro_cfg: RolloutsConfig, seed: int) -> dict[str, np.ndarray]:
-    """Play one episode with the random policy; return the arrays of the rollout npz contract.
+def record_episode(env, env_cfg: EnvConfig, ro_cfg: RolloutsConfig, seed: int, agent: "Agent | None" = None
+                   ) -> dict[str, np.ndarray]:
+    """Play one episode with the random policy of rollouts.policy, or with `agent` (V-M-C) plus
+    N(0, rollouts.action_noise^2) noise on its action; return the arrays of the rollout npz contract.
 
     obs uint8 (T, S, S, 3) is the frame seen *before* actions[t]; actions float32
-    (T, A); rewards float32 (T,) received for actions[t]; terminated, truncated
-    bool (T,); seed int64.
+    (T, A), the actions played (after noise and clipping); rewards float32 (T,)
+    received for actions[t]; terminated, truncated bool (T,); seed int64.
     """
     obs, _ = env.reset(seed=seed)
     env.action_space.seed(seed)
-    policy = RandomPolicy(ro_cfg.policy, env.action_space, np.random.default_rng(seed), ro_cfg.brownian_dt)
+    rng = np.random.default_rng(seed)
+    if agent is None:
+        policy = RandomPolicy(ro_cfg.policy, env.action_space, rng, ro_cfg.brownian_dt)
+    else:
+        agent.reset()
+        policy = lambda: agent.act(obs, rng, ro_cfg.action_noise)[0]  # noqa: E731 - reads the current obs
     max_steps = ro_cfg.max_steps or env_cfg.max_episode_steps
     frames, actions, rewards, terms, truncs = [], [], [], [], []
     for t in range(max_steps):
@@ -56,16 +67,26 @@ def record_random_episode(env, env_cfg: EnvConfig, ro_cfg: RolloutsConfig, seed:
     }
 
 
-def init_rollout_worker(env_cfg: EnvConfig, ro_cfg: RolloutsConfig, out_dir: str) -> dict:
-    """Worker state for stage 01: one env and where to write episodes."""
-    return {"env": make_env(env_cfg), "env_cfg": env_cfg, "ro_cfg": ro_cfg, "out_dir": out_dir}
+def init_rollout_worker(env_cfg: EnvConfig, ro_cfg: RolloutsConfig, out_dir: str, agent_paths: dict | None = None
+                        ) -> dict:
+    """Worker state for stage 01: one env, where to write episodes, and for policy=controller the agent
+    (agent_paths: {"vision", "mdnrnn", "controller"} checkpoint paths)."""
+    state = {"env": make_env(env_cfg), "env_cfg": env_cfg, "ro_cfg": ro_cfg, "out_dir": out_dir, "agent": None}
+    if agent_paths:
+        torch.set_num_threads(1)
+        worker = init_agent_worker(agent_paths["vision"], agent_paths["mdnrnn"], env_cfg)
+        worker["env"].close()
+        ckpt = torch.load(agent_paths["controller"], map_location="cpu", weights_only=False)
+        worker["agent"].controller.set_params(ckpt["params_best"])
+        state["agent"] = worker["agent"]
+    return state
 
 
 def rollout_task(state: dict, task: tuple[int, int]) -> dict:
     """Record episode `index` with env seed `seed` and write it atomically; return its stats."""
     index, seed = task
     start = time.perf_counter()
-    episode = record_random_episode(state["env"], state["env_cfg"], state["ro_cfg"], seed)
+    episode = record_episode(state["env"], state["env_cfg"], state["ro_cfg"], seed, state["agent"])
     save_npz(episode_path(state["out_dir"], index), **episode)
     return {
         "index": index,
@@ -89,11 +110,16 @@ class Agent:
         self.state = self.mdnrnn.initial_state(1)
 
     @torch.inference_mode()
-    def act(self, obs: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """uint8 env observation -> (float32 action (A,) in bounds, z (1, D)); advances M's state."""
+    def act(self, obs: np.ndarray, rng: np.random.Generator | None = None, noise_std: float = 0.0
+            ) -> tuple[np.ndarray, torch.Tensor]:
+        """uint8 env observation -> (float32 action (A,) in bounds, z (1, D)); advances M's state with
+        the action returned. noise_std > 0 adds N(0, noise_std^2) noise from `rng`, clipped to the bounds."""
         x = frames_to_tensor(preprocess_frame(obs, self.env_cfg)[None])  # (1, 3, S, S)
         z, _ = self.vision.encode(x)  # (1, D): the posterior mean
         action = self.controller(z, self.state[0][0])  # (1, A)
+        if noise_std > 0:
+            noisy = action.numpy() + rng.normal(0.0, noise_std, action.shape)
+            action = torch.from_numpy(np.clip(noisy, self.controller.low, self.controller.high).astype(np.float32))
         self.state = self.mdnrnn.advance(z, action, self.state)
         return action[0].numpy(), z
 
