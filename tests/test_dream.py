@@ -169,3 +169,30 @@ def test_head_metrics_and_the_heads_script(tiny_run):
     )
     assert proc.returncode == 0, proc.stderr
     assert "held-out episodes (40 steps)" in proc.stdout and "reward: Pearson r" in proc.stdout
+
+
+def test_temperature_sweep_trains_and_scores_each_tau(tiny_run, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, assert_ok, assert_user_error, write_config
+
+    config = write_config(tmp_path, tmp_path / "sweep", controller={"env": "dream"}, evaluate={"episodes": 2})
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "temperature_sweep.py"), "--config", config,
+           "--from", tiny_run["run_dir"], "--taus", "0.5", "1.3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert_ok(proc)
+    table = (tmp_path / "sweep_sweep.md").read_text()
+    for tau in ("0.5", "1.3"):
+        run_dir = tmp_path / f"sweep_tau{tau}"
+        scores = json.load(open(run_dir / "eval" / "scores.json"))
+        assert scores["dream"]["temperature"] == float(tau)
+        assert os.path.samefile(run_dir / "mdnrnn" / "best.pt", os.path.join(tiny_run["run_dir"], "mdnrnn", "best.pt"))
+        d = scores["dream"]
+        assert (f"| {tau} | {d['mean']:.1f} +- {d['std']:.1f} (2 episodes) | "
+                f"{scores['mean']:.1f} +- {scores['std']:.1f} (2 episodes) | 2 |") in table
+    real = write_config(tmp_path, tmp_path / "sweep", controller={"env": "real"})
+    assert_user_error(subprocess.run(cmd[:3] + [real] + cmd[4:], cwd=ROOT, capture_output=True, text=True, timeout=60),
+                      "controller.env must be dream")

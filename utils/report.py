@@ -229,12 +229,40 @@ def _budget_cells(run: dict) -> str:
     wall, cpu = budget_totals(b)
     gens = b.get("controller", {}).get("generations", "-")
     where = f", tau {c.get('temperature', 1.0):g}" if c["env"] == "dream" else ""
-    return (f"{b.get('rollouts', {}).get('episodes_on_disk', '-')} | {b.get('vision', {}).get('epochs', '-')} | "
-            f"{b.get('mdnrnn', {}).get('epochs', '-')} | {gens} x {c['popsize']} x {c['rollouts_per_candidate']}{where} | "
-            f"{wall:.2f} | {_fmt_hours(cpu)}")
+    return [str(b.get("rollouts", {}).get("episodes_on_disk", "-")), str(b.get("vision", {}).get("epochs", "-")),
+            str(b.get("mdnrnn", {}).get("epochs", "-")), f"{gens} x {c['popsize']} x {c['rollouts_per_candidate']}{where}",
+            f"{wall:.2f}", _fmt_hours(cpu)]
 
 
-BUDGET_HEADER = "rollouts | V epochs | M epochs | C: generations x population x rollouts | wall h (01-05) | CPU h (01-05)"
+BUDGET_HEADER = ["rollouts", "V epochs", "M epochs", "C: generations x population x rollouts", "wall h (01-05)",
+                 "CPU h (01-05)"]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a markdown table (no header lines when `header` is empty: rows to append to one)."""
+    lines = [f"| {' | '.join(header)} |", "|" + " --- |" * len(header)] if header else []
+    return lines + [f"| {' | '.join(row)} |" for row in rows]
+
+
+def _score(s: dict | None) -> str:
+    return "-" if s is None else f"{s['mean']:.1f} +- {s['std']:.1f} ({s['episodes']})"
+
+
+def _success(s: dict) -> str:
+    return f"{100 * s['success_rate']:.0f} % ({s['episodes']})" if "success_rate" in s else "-"
+
+
+# (table, title, our columns, their cells for a run): the thesis's Tables 1-3.
+TABLES = [
+    ("real", "Table 1: CarRacing, controller trained in the real env", ["ours: score (episodes)"],
+     lambda r: [_score(r["scores"])]),
+    ("dream", "Table 2: dream CarRacing, controller trained inside M, scored in the real env",
+     ["ours: real score (episodes)", "ours: dream score (episodes)"],
+     lambda r: [_score(r["scores"]), _score(r["scores"].get("dream"))]),
+    ("panda", "Table 3: PandaReach success rate", ["controller inputs", "ours: success (episodes)", "ours: return"],
+     lambda r: [str(r["config"]["controller"].get("inputs", "z, h")), _success(r["scores"]),
+                f"{r['scores']['mean']:.1f} +- {r['scores']['std']:.1f}"]),
+]
 
 
 def _kind(run: dict) -> str:
@@ -253,49 +281,23 @@ def compare_report(run_dirs: list[str]) -> str:
     lines = ["# World Models with a conv VAE or an NVAE as V: measured numbers beside the thesis's", ""]
     lines += [f"Runs: {', '.join(f'`{d}`' for d in run_dirs)}. Scores are mean +- std over the episodes stated, on "
               "env seeds disjoint from every training seed (06_evaluate.py).", ""]
-    if by_table["real"]:
-        lines += ["## Table 1: CarRacing, controller trained in the real env", "",
-                  f"| world model | run | ours: score (episodes) | thesis | {BUDGET_HEADER} |",
-                  "| --- | --- | --- | --- | " + "--- | " * 6]
-        for r in by_table["real"]:
-            s = r["scores"]
-            lines.append(f"| {_kind(r)} | `{r['run_dir']}` | {s['mean']:.1f} +- {s['std']:.1f} ({s['episodes']}) | "
-                         f"{THESIS['real'][r['config']['vision']['kind']]} | {_budget_cells(r)} |")
-        lines.append("")
-    if by_table["dream"]:
-        lines += ["## Table 2: dream CarRacing, controller trained inside M, scored in the real env", "",
-                  f"| world model | run | ours: real score (episodes) | ours: dream score (episodes) | thesis | "
-                  f"{BUDGET_HEADER} |", "| --- | --- | --- | --- | --- | " + "--- | " * 6]
-        for r in by_table["dream"]:
-            s, d = r["scores"], r["scores"].get("dream")
-            dream = f"{d['mean']:.1f} +- {d['std']:.1f} ({d['episodes']})" if d else "-"
-            lines.append(f"| {_kind(r)} | `{r['run_dir']}` | {s['mean']:.1f} +- {s['std']:.1f} ({s['episodes']}) | "
-                         f"{dream} | {THESIS['dream'][r['config']['vision']['kind']]} | {_budget_cells(r)} |")
-        lines.append("")
-    if by_table["panda"]:
-        lines += ["## Table 3: PandaReach success rate", "",
-                  f"| world model | run | controller inputs | ours: success (episodes) | ours: return | thesis | "
-                  f"{BUDGET_HEADER} |", "| --- | --- | --- | --- | --- | --- | " + "--- | " * 6]
-        for r in by_table["panda"]:
-            s = r["scores"]
-            rate = f"{100 * s['success_rate']:.0f} % ({s['episodes']})" if "success_rate" in s else "-"
-            inputs = r["config"]["controller"].get("inputs", "z, h")
-            lines.append(f"| {_kind(r)} | `{r['run_dir']}` | {inputs} | {rate} | {s['mean']:.1f} +- {s['std']:.1f} | "
-                         f"{THESIS['panda'][r['config']['vision']['kind']]} | {_budget_cells(r)} |")
-        lines.append("")
+    for name, title, columns, cells in TABLES:
+        if by_table[name]:
+            header = ["world model", "run", *columns, "thesis", *BUDGET_HEADER]
+            rows = [[_kind(r), f"`{r['run_dir']}`", *cells(r), THESIS[name][r["config"]["vision"]["kind"]],
+                     *_budget_cells(r)] for r in by_table[name]]
+            lines += [f"## {title}", "", *markdown_table(header, rows), ""]
     with_fid = [r for r in runs if r["fid"] is not None]
     lines += ["## FID of V against held-out real frames", ""]
     if with_fid:
-        lines += ["| world model | run | N frames | ours: reconstructions | ours: prior samples | thesis |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += markdown_table(["world model", "run", "N frames", "ours: reconstructions", "ours: prior samples",
+                                 "thesis"], [])
         for r in with_fid:
             f = r["fid"]
-            if "skipped" in f:
-                lines.append(f"| {_kind(r)} | `{r['run_dir']}` | - | not computed | not computed | "
-                             f"{THESIS['fid'][r['config']['vision']['kind']]} |")
-            else:
-                lines.append(f"| {_kind(r)} | `{r['run_dir']}` | {f['frames']} | {f['recon']:.2f} | {f['prior']:.2f} | "
-                             f"{THESIS['fid'][r['config']['vision']['kind']]} |")
+            numbers = ["-", "not computed", "not computed"] if "skipped" in f else [
+                str(f["frames"]), f"{f['recon']:.2f}", f"{f['prior']:.2f}"]
+            lines += markdown_table([], [[_kind(r), f"`{r['run_dir']}`", *numbers,
+                                          THESIS["fid"][r["config"]["vision"]["kind"]]]])
         reasons = sorted({r["fid"]["skipped"] for r in with_fid if "skipped" in r["fid"]})
         lines += ["", *reasons] if reasons else []
     else:
