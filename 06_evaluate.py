@@ -40,7 +40,7 @@ from utils.fid import fid_unavailable, vision_fid
 from utils.data import sample_frames
 from utils.envs import frames_to_tensor, make_env
 from utils.errors import UserError
-from utils.dream import DreamEnv, dream_returns, start_latents
+from utils.dream import DreamEnv, dream_score, start_latents
 from utils.io import atomic_path, list_episodes, load_checkpoint, save_json, write_manifest
 from utils.parallel import WorkerPool
 from utils.report import budget_summary, plot_training_curves, write_compare_report, write_run_report
@@ -86,22 +86,6 @@ def dream_frames(vision, mdnrnn, controller: LinearController, first_frame: np.n
         if terminated or truncated:
             break
     return frames
-
-
-@torch.inference_mode()
-def dream_score(cfg, mdnrnn, controller: LinearController, params: np.ndarray, episodes: int) -> dict:
-    """Return of `params` in M's dream at controller.temperature: `episodes` batched dream episodes from
-    start latents of stage 03's episodes (drawn with the "evaluate" seed stream), <= max_steps each."""
-    starts = start_latents(list_episodes(stage_dir(cfg, "latents"), "latents"))
-    rng = np.random.default_rng(env_seed(cfg.seed, "evaluate", 0))
-    picked = starts[rng.integers(len(starts), size=episodes)]
-    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    returns, lengths = dream_returns(
-        mdnrnn, np.repeat(np.asarray(params, np.float32)[None], episodes, axis=0), picked, controller.low,
-        controller.high, cfg.controller.temperature, cfg.evaluate.max_steps or cfg.env.max_episode_steps, generator,
-    )
-    return {"temperature": cfg.controller.temperature, "episodes": episodes, "mean": float(returns.mean()),
-            "std": float(returns.std()), "mean_length": float(lengths.mean()), "returns": returns.tolist()}
 
 
 def save_side_by_side_gif(path: str, left: list[np.ndarray], right: list[np.ndarray], every: int, max_frames: int,
@@ -208,7 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     # (Ha & Schmidhuber's Doom table); for a real-trained C, whether M's dream recognises a driver at all.
     latents = stage_dir(cfg, "latents")
     if os.path.isdir(latents) and any(name.endswith(".npz") for name in os.listdir(latents)):
-        scores["dream"] = dream_score(cfg, mdnrnn, controller, params, ec.episodes)
+        starts = start_latents(list_episodes(latents, "latents"))
+        scores["dream"] = dream_score(mdnrnn, starts, params, controller.low, controller.high,
+                                      cfg.controller.temperature, ec.episodes, ec.max_steps or cfg.env.max_episode_steps,
+                                      env_seed(cfg.seed, "evaluate", 0))
     save_json(os.path.join(out_dir, "scores.json"), scores)
 
     # Media: replay the first evaluation episode in this process, recording frames.

@@ -152,3 +152,21 @@ def dream_returns(
         if not alive.any():
             break
     return total.numpy(), lengths.numpy()
+
+
+def dream_score(mdnrnn: MDNRNN, starts: np.ndarray, params: np.ndarray, action_low, action_high,
+                temperature: float, episodes: int, max_steps: int, seed: int) -> dict:
+    """Return of one controller (params float (n_params,)) in M's dream: `episodes` batched episodes from
+    start latents drawn (with replacement, seeded) from `starts` float (N, z_dim), <= max_steps each.
+
+    Returns {"temperature", "episodes", "mean", "std", "mean_length", "returns" (list of float)}.
+    """
+    rng = np.random.default_rng(seed)
+    picked = starts[rng.integers(len(starts), size=episodes)]
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    batch = np.repeat(np.asarray(params, np.float32)[None], episodes, axis=0)
+    with torch.inference_mode():
+        returns, lengths = dream_returns(mdnrnn, batch, picked, action_low, action_high, temperature, max_steps,
+                                         generator)
+    return {"temperature": float(temperature), "episodes": episodes, "mean": float(returns.mean()),
+            "std": float(returns.std()), "mean_length": float(lengths.mean()), "returns": returns.tolist()}

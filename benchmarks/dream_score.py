@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Does M's dream recognise a driver? A controller's return in the dream, beside doing nothing.
+
+    python benchmarks/dream_score.py --config configs/carracing_vae.yaml \\
+        --controller runs/carracing_vae/controller/controller.pt [--taus 0.5 1.0 1.15] [--episodes 64]
+
+Plays the controller (its `params_best`) and the all-zero controller in M's dream
+(<run_dir>/mdnrnn/best.pt, starts from <run_dir>/latents) for --episodes batched
+episodes of up to env.max_episode_steps at each tau, and prints mean +- std. A
+dream worth training in gives a controller that drives in the real env a much
+higher return than the zero controller.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models import load_mdnrnn  # noqa: E402
+from models.controller import LinearController  # noqa: E402
+from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser  # noqa: E402
+from utils.dream import dream_score, start_latents  # noqa: E402
+from utils.io import list_episodes, load_checkpoint  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[1])
+    parser.add_argument("--controller", required=True, help="controller.pt whose params_best is played")
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.5, 1.0, 1.15])
+    parser.add_argument("--episodes", type=int, default=64)
+    args = parser.parse_args(argv)
+    cfg = load_stage_config(args)
+    torch.set_num_threads(1)
+    mdnrnn, _ = load_mdnrnn(os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt"))
+    starts = start_latents(list_episodes(stage_dir(cfg, "latents"), "latents"))
+    ckpt = load_checkpoint(args.controller, "controller")
+    c = LinearController(**ckpt["hparams"])
+    print(f"M: {stage_dir(cfg, 'mdnrnn')}/best.pt, {len(starts)} start latents, {args.episodes} dream episodes "
+          f"of <= {cfg.env.max_episode_steps} steps per row")
+    for tau in args.taus:
+        for name, params in (("controller", ckpt["params_best"]), ("zero controller", np.zeros(c.num_params))):
+            d = dream_score(mdnrnn, starts, params, c.low, c.high, tau, args.episodes, cfg.env.max_episode_steps,
+                            cfg.seed)
+            print(f"tau {tau:g}  {name:16s} {d['mean']:8.1f} +- {d['std']:.1f}  (mean length {d['mean_length']:.0f})")
+
+
+if __name__ == "__main__":
+    run_stage(main)
