@@ -12,7 +12,7 @@ held-out tracks, and dream episodes at the same tau), and prints one row per
 tau: the dream score beside the real score, mean +- std, and the budget. The
 table is also written to <run_dir>_sweep.md. Every stage resumes, so a killed
 sweep continues where it stopped when run again; a tau whose eval/scores.json
-is newer than its controller is not evaluated again.
+is newer than its CMA-ES state is not evaluated again.
 
 Raises (exit 2): a config whose controller.env is not dream, or a `--from` run
 missing one of the four folders.
@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         sets = [*args.set, f"run_dir={run_dir}", f"controller.temperature={tau:g}"]
         run("05_train_controller", args.config, sets)
         scores = os.path.join(run_dir, "eval", "scores.json")
-        if not (os.path.exists(scores) and os.path.getmtime(scores) > os.path.getmtime(
-                os.path.join(run_dir, "controller", "controller.pt"))):
+        # cmaes_state.pkl changes only when a generation ends (a resume with nothing to do rewrites controller.pt)
+        state = os.path.join(run_dir, "controller", "cmaes_state.pkl")
+        if not (os.path.exists(scores) and os.path.getmtime(scores) > os.path.getmtime(state)):
             run("06_evaluate", args.config, sets)
         rows.append(sweep_row(run_dir))
         text = table(rows, cfg)
