@@ -309,6 +309,8 @@ def compare_report(run_dirs: list[str]) -> str:
 
 
 def write_compare_report(run_dirs: list[str], path: str) -> str:
+    """Write `compare_report(run_dirs)` to `path` (atomically: nothing is written when a run is not
+    evaluated, UserError) and return the markdown."""
     text = compare_report(run_dirs)
     save_text(path, text)
     return text
