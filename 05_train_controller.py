@@ -25,7 +25,8 @@ from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
 from utils.cmaes_trainer import ControllerTrainer
 from utils.config import config_to_dict
 from utils.dream import start_latents
-from utils.envs import make_env
+from utils.envs import make_env, proprio_dim
+from utils.errors import UserError
 from utils.io import list_episodes, write_manifest
 
 
@@ -38,22 +39,25 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_stage_config(args)
     vision_path = args.vision or os.path.join(stage_dir(cfg, "vision"), "best.pt")
     mdnrnn_path = args.mdnrnn or os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt")
+    cc = cfg.controller
+    if cc.inputs == "z_h_proprio" and (cc.env == "dream" or not proprio_dim(cfg.env)):
+        raise UserError(f"controller.inputs: z_h_proprio needs the real env of a task with a proprio vector "
+                        f"(PandaReach); got controller.env={cc.env}, env.id={cfg.env.id}")
     vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
     env = make_env(cfg.env)
-    cc = cfg.controller
     dream = None
     if cc.env == "dream":
         torch.set_num_threads(cc.workers)
         dream = (mdnrnn, start_latents(list_episodes(stage_dir(cfg, "latents"), "latents")))
     out_dir = stage_dir(cfg, "controller")
     os.makedirs(out_dir, exist_ok=True)
+    in_dim = vision.z_dim + mdnrnn.hidden + (proprio_dim(cfg.env) if cc.inputs == "z_h_proprio" else 0)
     trainer = ControllerTrainer(
-        cfg, vision_path, mdnrnn_path, vision.z_dim + mdnrnn.hidden, env.action_space.low, env.action_space.high,
-        out_dir, dream,
+        cfg, vision_path, mdnrnn_path, in_dim, env.action_space.low, env.action_space.high, out_dir, dream, cc.inputs,
     )
     env.close()
     where = f"in the dream (tau {cc.temperature:g}, {len(dream[1])} start latents)" if dream else "in the real env"
-    print(f"[05] CMA-ES {where}: {trainer.controller.num_params} parameters, population {cc.popsize} x "
+    print(f"[05] CMA-ES {where}: C sees {cc.inputs}, {trainer.controller.num_params} parameters, population {cc.popsize} x "
           f"{cc.rollouts_per_candidate} rollouts, {cc.generations} generations, {cc.workers} workers")
     start = time.perf_counter()
     state = trainer.run(overwrite=args.overwrite)

@@ -38,7 +38,7 @@ from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
 from utils.fid import fid_unavailable, vision_fid
 from utils.data import sample_frames
-from utils.envs import frames_to_tensor, make_env
+from utils.envs import frames_to_tensor, make_env, proprio_dim
 from utils.errors import UserError
 from utils.dream import DreamEnv, dream_score, start_latents
 from utils.io import atomic_path, list_episodes, load_checkpoint, save_json, write_manifest
@@ -155,12 +155,13 @@ def main(argv: list[str] | None = None) -> None:
     controller_path = args.controller or os.path.join(stage_dir(cfg, "controller"), "controller.pt")
     ckpt = load_checkpoint(controller_path, "controller")
     vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
-    if ckpt["hparams"]["in_dim"] != vision.z_dim + mdnrnn.hidden:
-        raise UserError(
-            f"{controller_path}: controller takes {ckpt['hparams']['in_dim']} inputs, but V and M give "
-            f"z_dim + hidden = {vision.z_dim} + {mdnrnn.hidden}"
-        )
     controller = LinearController(**ckpt["hparams"])
+    extra = proprio_dim(cfg.env) if controller.uses_proprio else 0
+    if controller.in_dim != vision.z_dim + mdnrnn.hidden + extra:
+        raise UserError(
+            f"{controller_path}: controller ({controller.inputs}) takes {controller.in_dim} inputs, but V, M and "
+            f"the env give z_dim + hidden + proprio = {vision.z_dim} + {mdnrnn.hidden} + {extra}"
+        )
     params = ckpt["params_best"] if ec.params == "best" else ckpt["params_mean"]
     controller.set_params(params)
     out_dir = stage_dir(cfg, "eval")
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
     seeds = [env_seed(cfg.seed, "evaluate", i) for i in range(ec.episodes)]
     tasks = [{"params": params, "seed": s, "max_steps": ec.max_steps, "early_stop_steps": 0} for s in seeds]
-    with WorkerPool(ec.workers, init_agent_worker, (vision_path, mdnrnn_path, cfg.env), agent_task,
+    with WorkerPool(ec.workers, init_agent_worker, (vision_path, mdnrnn_path, cfg.env, 1, controller.inputs), agent_task,
                     cfg.controller.worker_timeout_s, cfg.controller.max_retries) as pool:
         results = pool.map(tasks, progress="06 evaluate")
     returns = np.array([r["return"] for r in results])
@@ -187,11 +188,15 @@ def main(argv: list[str] | None = None) -> None:
         "params": ec.params,
         "params_generation": generation,
         "controller": os.path.abspath(controller_path),
+        "inputs": controller.inputs,
     }
+    if all(r["success"] is not None for r in results):  # PandaReach: info["is_success"] at each episode's end
+        successes = [bool(r["success"]) for r in results]
+        scores |= {"success_rate": float(np.mean(successes)), "successes": successes}
     # The dream's verdict on this C beside the real one: for a dream-trained C, the score it believes it has
     # (Ha & Schmidhuber's Doom table); for a real-trained C, whether M's dream recognises a driver at all.
-    latents = stage_dir(cfg, "latents")
-    if os.path.isdir(latents) and any(name.endswith(".npz") for name in os.listdir(latents)):
+    latents = stage_dir(cfg, "latents")  # (M's dream has no proprio vector to show a z_h_proprio controller)
+    if not controller.uses_proprio and os.path.isdir(latents) and any(n.endswith(".npz") for n in os.listdir(latents)):
         starts = start_latents(list_episodes(latents, "latents"))
         scores["dream"] = dream_score(mdnrnn, starts, params, controller.low, controller.high,
                                       cfg.controller.temperature, ec.episodes, ec.max_steps or cfg.env.max_episode_steps,
@@ -229,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"[06] {cfg.env.id}: {scores['mean']:.1f} +- {scores['std']:.1f} over {len(returns)} held-out episodes "
           f"(min {scores['min']:.1f}, max {scores['max']:.1f}); report: {os.path.join(out_dir, 'report.md')}")
+    if "success_rate" in scores:
+        print(f"[06] success rate: {100 * scores['success_rate']:.0f} % of {len(returns)} held-out episodes")
     if "dream" in scores:
         d = scores["dream"]
         print(f"[06] dream (tau {d['temperature']:g}): {d['mean']:.1f} +- {d['std']:.1f} over {d['episodes']} dream episodes")

@@ -116,14 +116,14 @@ class ControllerTrainer:
     """
 
     def __init__(self, cfg: Config, vision_path: str, mdnrnn_path: str, in_dim: int, action_low, action_high,
-                 out_dir: str, dream: tuple | None = None):
+                 out_dir: str, dream: tuple | None = None, inputs: str = "z_h"):
         self.cfg, self.out_dir = cfg, out_dir
         if cfg.controller.env == "dream" and dream is None:
             raise ValueError("controller.env=dream needs M and the start latents")
         self.dream = dream
         self.paths = {"vision": os.path.abspath(vision_path), "mdnrnn": os.path.abspath(mdnrnn_path)}
         self.input_sha256 = {k: file_sha256(p) for k, p in self.paths.items()}
-        self.controller = LinearController(in_dim, action_low, action_high)
+        self.controller = LinearController(in_dim, action_low, action_high, inputs)
         self.state_path = os.path.join(out_dir, "cmaes_state.pkl")
 
     def _new_state(self) -> dict:
@@ -212,7 +212,7 @@ class ControllerTrainer:
             tqdm.write(f"[05] all {cc.generations} generations done; nothing to do")
         elif state["generation"]:
             tqdm.write(f"[05] resuming at generation {state['generation'] + 1}/{cc.generations} from {self.state_path}")
-        init_args = (self.paths["vision"], self.paths["mdnrnn"], cfg.env)
+        init_args = (self.paths["vision"], self.paths["mdnrnn"], cfg.env, 1, self.controller.inputs)
         with WorkerPool(cc.workers, init_agent_worker, init_args, agent_task, cc.worker_timeout_s, cc.max_retries) as pool:
             bar = tqdm(total=cc.generations, initial=state["generation"], desc="05 CMA-ES", unit="gen", disable=None)
             while state["generation"] < cc.generations and not (budget_s and state.get("elapsed_s", 0.0) >= budget_s):

@@ -29,6 +29,15 @@ class EnvConfig:
     frame_size: int = 64  # V's input is frame_size x frame_size RGB
     crop_dashboard: bool = False  # drop CarRacing's bottom 12 dashboard rows before resizing
     max_episode_steps: int = 1000  # time limit of one episode (env steps)
+    # PandaReach only (panda-gym): the frame is env.render() from this camera, render_size x render_size RGB,
+    # then resized to frame_size. The defaults show the goal marker on 1-17 px at 84x84 (docs/notes/panda_gym.md).
+    render_size: int = 84  # env.render() width and height in pixels (the thesis: 84)
+    camera_distance: float = 0.9  # metres from the camera target
+    camera_yaw: float = 45.0  # degrees
+    camera_pitch: float = -40.0  # degrees
+    camera_target_x: float = -0.1  # camera target (m), in the robot base frame
+    camera_target_y: float = 0.0
+    camera_target_z: float = 0.1
 
 
 @dataclass
@@ -100,7 +109,8 @@ class MDNRNNConfig:
 
 @dataclass
 class ControllerConfig:
-    env: str = "real"  # real: CarRacing itself | dream: inside M (held-out re-evaluations stay real)
+    env: str = "real"  # real: the env itself | dream: inside M (held-out re-evaluations stay real)
+    inputs: str = "z_h"  # what C sees: z_h ([z, h], pixels only) | z_h_proprio ([z, h, joint angles]; real env, PandaReach)
     temperature: float = 1.0  # tau of M's sampling in the dream (Ha & Schmidhuber section 4.5)
     popsize: int = 16  # CMA-ES population
     rollouts_per_candidate: int = 2  # fitness = mean return over this many episodes
@@ -148,6 +158,7 @@ CHOICES = {
     "vision.likelihood": ("gaussian", "bernoulli", "logistic_mixture"),
     "vision.device": ("cpu", "cuda", "auto"),
     "controller.env": ("real", "dream"),
+    "controller.inputs": ("z_h", "z_h_proprio"),
     "evaluate.params": ("best", "mean"),
 }
 
@@ -155,7 +166,7 @@ CHOICES = {
 # Keys that must be positive (> 0) or non-negative (>= 0); a zero epoch count or batch
 # size would otherwise fail deep inside a stage.
 POSITIVE = (
-    "env.frame_size", "env.max_episode_steps", "rollouts.episodes", "rollouts.workers", "vision.z_dim",
+    "env.frame_size", "env.max_episode_steps", "env.render_size", "env.camera_distance", "rollouts.episodes", "rollouts.workers", "vision.z_dim",
     "vision.mixtures", "vision.epochs", "vision.batch_size", "vision.lr", "vision.obs_std", "vision.val_frames",
     "vision.chunk_episodes", "vision.workers", "vision.nvae.channels", "vision.nvae.latent_scales",
     "vision.nvae.groups_per_scale", "vision.nvae.latent_channels", "vision.nvae.cells_per_group",

@@ -1,9 +1,17 @@
 """Real environments, frame preprocessing, random policies and action squashing.
 
-Frames: the env's uint8 (96, 96, 3) CarRacing observation becomes V's input,
-uint8 (S, S, 3) with S = env.frame_size, optionally without the 12-row
-dashboard at the bottom (Ha & Schmidhuber crop it; it shows speed, which a
-controller can use, so we keep it by default).
+Every real env hands the stages a uint8 (H, W, 3) frame as its observation:
+
+- CarRacing-v3: the env's own (96, 96, 3) observation, optionally without the
+  12-row dashboard at the bottom (Ha & Schmidhuber crop it; it shows speed,
+  which a controller can use, so we keep it by default).
+- PandaReach (panda-gym, e.g. PandaReachJoints-v3): `PandaPixels` replaces the
+  state dict by `env.render()` from the camera of the env config (84x84 as in
+  the thesis) and moves the joint angles (`proprio`) and `desired_goal` into
+  `info`.
+
+`preprocess_frame` then resizes the frame to V's input, uint8 (S, S, 3) with
+S = env.frame_size.
 """
 
 from __future__ import annotations
@@ -11,24 +19,83 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+import gymnasium as gym
+
 from utils.config import EnvConfig
 from utils.errors import UserError
 
 CARRACING_DASHBOARD_ROWS = 12
+PANDA_JOINTS = 7  # the Panda arm's joints: proprio is their angles (rad)
 
 
-def make_env(env_cfg: EnvConfig, render_mode: str | None = None):
-    """Create the real gymnasium env named by `env_cfg.id`.
+def is_panda(env_id: str) -> bool:
+    return env_id.startswith("Panda")
+
+
+def proprio_dim(env_cfg: EnvConfig) -> int:
+    """Size of the proprio vector the env puts in info["proprio"] (0: none)."""
+    return PANDA_JOINTS if is_panda(env_cfg.id) else 0
+
+
+def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = True):
+    """Create the real env named by `env_cfg.id`; its observations are uint8 (H, W, 3) frames.
+
+    pixels=False leaves a PandaReach env with its state dict and no rendering (about 60x faster:
+    for policies that do not look, such as the random baseline).
 
     Raises:
-        UserError: the id is not a registered gymnasium env.
+        UserError: the id is not a registered gymnasium (or panda-gym) env.
     """
-    import gymnasium as gym
+    kwargs = {"max_episode_steps": env_cfg.max_episode_steps}
+    if is_panda(env_cfg.id):
+        import panda_gym  # noqa: F401 - registers the Panda envs with gymnasium
 
+        kwargs |= {
+            "render_width": env_cfg.render_size, "render_height": env_cfg.render_size,
+            "render_distance": env_cfg.camera_distance, "render_yaw": env_cfg.camera_yaw,
+            "render_pitch": env_cfg.camera_pitch,
+            "render_target_position": np.array([env_cfg.camera_target_x, env_cfg.camera_target_y,
+                                                env_cfg.camera_target_z]),
+        }
+    else:
+        kwargs["render_mode"] = render_mode
     try:
-        return gym.make(env_cfg.id, max_episode_steps=env_cfg.max_episode_steps, render_mode=render_mode)
+        env = gym.make(env_cfg.id, **kwargs)
     except gym.error.Error as exc:
         raise UserError(f"env.id: cannot make {env_cfg.id!r} ({exc})") from None
+    return PandaPixels(env) if is_panda(env_cfg.id) and pixels else env
+
+
+class PandaPixels(gym.Wrapper):
+    """A panda-gym env seen from pixels: the observation is `env.render()`, uint8 (R, R, 3).
+
+    `info` of reset and step gains `proprio`, float32 (7,), the joint angles in
+    rad, and `desired_goal`, float32 (3,), the goal position in m, both of the
+    state the returned frame shows. `info["is_success"]` (the end effector
+    within 0.05 m of the goal) comes from panda-gym's step, which also
+    terminates the episode on success.
+    """
+
+    def __init__(self, env):
+        super().__init__(env)
+        base = env.unwrapped
+        self.observation_space = gym.spaces.Box(0, 255, (base.render_height, base.render_width, 3), np.uint8)
+
+    def _info(self, obs: dict, info: dict) -> dict:
+        robot = self.env.unwrapped.robot
+        proprio = np.array([robot.get_joint_angle(i) for i in range(PANDA_JOINTS)], dtype=np.float32)
+        return {**info, "proprio": proprio, "desired_goal": np.asarray(obs["desired_goal"], dtype=np.float32)}
+
+    def _frame(self) -> np.ndarray:
+        return np.ascontiguousarray(self.env.render()[..., :3], dtype=np.uint8)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self._frame(), self._info(obs, info)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return self._frame(), reward, terminated, truncated, self._info(obs, info)
 
 
 def preprocess_frame(obs: np.ndarray, env_cfg: EnvConfig) -> np.ndarray:

@@ -83,6 +83,9 @@ def fid_lines(fid: dict) -> list[str]:
     ]
 
 
+RANDOM_POLICY_FILE = "random_policy.json"  # eval/ of a run: benchmarks/random_policy.py's scores on the same seeds
+
+
 def write_run_report(path: str, cfg, scores: dict, budget: dict, media: dict, fid: dict | None) -> None:
     """eval/report.md of one run (scores, FID, budget, media)."""
     c, r = cfg.controller, cfg.rollouts
@@ -101,6 +104,10 @@ def write_run_report(path: str, cfg, scores: dict, budget: dict, media: dict, fi
         d = scores["dream"]
         lines.append(f"| dream (M at tau {d['temperature']:g}) | {d['episodes']} | {d['mean']:.1f} +- {d['std']:.1f} | "
                      f"{min(d['returns']):.1f} | {max(d['returns']):.1f} | same |")
+    if "success_rate" in scores:
+        lines += ["", f"Success rate (info[\"is_success\"] at the end of the episode): "
+                      f"**{100 * scores['success_rate']:.0f} %** of {scores['episodes']} episodes. "
+                      f"C sees {INPUT_NAMES[scores.get('inputs', 'z_h')]}."]
     lines += [
         "",
         f"Evaluation seeds {scores['seeds'][0]}..{scores['seeds'][-1]} are disjoint from every training seed "
@@ -213,7 +220,10 @@ def load_run(run_dir: str) -> dict:
     cfg = read_manifest(os.path.join(run_dir, "eval"))["config"]
     fid_path = os.path.join(run_dir, "eval", "fid.json")
     fid = json.load(open(fid_path)) if os.path.isfile(fid_path) else None
-    return {"run_dir": run_dir, "scores": scores, "config": cfg, "fid": fid, "budget": budget_summary(run_dir)}
+    random_path = os.path.join(run_dir, "eval", RANDOM_POLICY_FILE)
+    random = json.load(open(random_path)) if os.path.isfile(random_path) else None
+    return {"run_dir": run_dir, "scores": scores, "config": cfg, "fid": fid, "budget": budget_summary(run_dir),
+            "random_policy": random}
 
 
 def _table(run: dict) -> str:
@@ -248,8 +258,11 @@ def _score(s: dict | None) -> str:
     return "-" if s is None else f"{s['mean']:.1f} +- {s['std']:.1f} ({s['episodes']})"
 
 
-def _success(s: dict) -> str:
-    return f"{100 * s['success_rate']:.0f} % ({s['episodes']})" if "success_rate" in s else "-"
+def _success(s: dict | None) -> str:
+    return f"{100 * s['success_rate']:.0f} % ({s['episodes']})" if s and "success_rate" in s else "-"
+
+
+INPUT_NAMES = {"z_h": "pixels: [z, h]", "z_h_proprio": "pixels + joint angles: [z, h, q]"}
 
 
 # (table, title, our columns, their cells for a run): the thesis's Tables 1-3.
@@ -259,9 +272,10 @@ TABLES = [
     ("dream", "Table 2: dream CarRacing, controller trained inside M, scored in the real env",
      ["ours: real score (episodes)", "ours: dream score (episodes)"],
      lambda r: [_score(r["scores"]), _score(r["scores"].get("dream"))]),
-    ("panda", "Table 3: PandaReach success rate", ["controller inputs", "ours: success (episodes)", "ours: return"],
-     lambda r: [str(r["config"]["controller"].get("inputs", "z, h")), _success(r["scores"]),
-                f"{r['scores']['mean']:.1f} +- {r['scores']['std']:.1f}"]),
+    ("panda", "Table 3: PandaReach success rate", ["controller inputs", "ours: success (episodes)", "ours: return",
+                                                   "random policy: success (episodes)"],
+     lambda r: [INPUT_NAMES[r["config"]["controller"].get("inputs", "z_h")], _success(r["scores"]),
+                f"{r['scores']['mean']:.1f} +- {r['scores']['std']:.1f}", _success(r["random_policy"])]),
 ]
 
 

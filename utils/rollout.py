@@ -20,8 +20,10 @@ import torch
 from models import load_mdnrnn, load_vision
 from models.controller import LinearController
 from utils.config import EnvConfig, RolloutsConfig
-from utils.envs import RandomPolicy, frames_to_tensor, make_env, preprocess_frame
+from utils.envs import RandomPolicy, frames_to_tensor, make_env, preprocess_frame, proprio_dim
 from utils.io import episode_path, save_npz
+
+EPISODE_EXTRAS = ("proprio", "desired_goal")  # per-step info of task envs, saved in the rollout npz
 
 
 # ---------------------------------------------------------------- stage 01: random rollouts
@@ -34,22 +36,28 @@ def record_episode(env, env_cfg: EnvConfig, ro_cfg: RolloutsConfig, seed: int, a
 
     obs uint8 (T, S, S, 3) is the frame seen *before* actions[t]; actions float32
     (T, A), the actions played (after noise and clipping); rewards float32 (T,)
-    received for actions[t]; terminated, truncated bool (T,); seed int64.
+    received for actions[t]; terminated, truncated bool (T,); seed int64. Task
+    extras the env puts in info (PandaReach: proprio float32 (T, 7) joint angles
+    in rad, desired_goal float32 (T, 3) in m) are recorded beside obs, of the
+    same state.
     """
-    obs, _ = env.reset(seed=seed)
+    obs, info = env.reset(seed=seed)
     env.action_space.seed(seed)
     rng = np.random.default_rng(seed)
     if agent is None:
         policy = RandomPolicy(ro_cfg.policy, env.action_space, rng, ro_cfg.brownian_dt)
     else:
         agent.reset()
-        policy = lambda: agent.act(obs, rng, ro_cfg.action_noise)[0]  # noqa: E731 - reads the current obs
+        policy = lambda: agent.act(obs, rng, ro_cfg.action_noise, info.get("proprio"))[0]  # noqa: E731 - reads the current obs
     max_steps = ro_cfg.max_steps or env_cfg.max_episode_steps
     frames, actions, rewards, terms, truncs = [], [], [], [], []
+    extras = {key: [] for key in EPISODE_EXTRAS if key in info}
     for t in range(max_steps):
         frames.append(preprocess_frame(obs, env_cfg))
+        for key, values in extras.items():
+            values.append(info[key])
         action = policy()
-        obs, reward, terminated, truncated, _ = env.step(action)
+        obs, reward, terminated, truncated, info = env.step(action)
         truncated = truncated or t == max_steps - 1
         actions.append(action)
         rewards.append(reward)
@@ -64,6 +72,7 @@ def record_episode(env, env_cfg: EnvConfig, ro_cfg: RolloutsConfig, seed: int, a
         "terminated": np.asarray(terms, dtype=bool),
         "truncated": np.asarray(truncs, dtype=bool),
         "seed": np.int64(seed),
+        **{key: np.stack(values).astype(np.float32) for key, values in extras.items()},
     }
 
 
@@ -77,6 +86,7 @@ def init_rollout_worker(env_cfg: EnvConfig, ro_cfg: RolloutsConfig, out_dir: str
         worker = init_agent_worker(agent_paths["vision"], agent_paths["mdnrnn"], env_cfg)
         worker["env"].close()
         ckpt = torch.load(agent_paths["controller"], map_location="cpu", weights_only=False)
+        worker["agent"].controller = LinearController(**ckpt["hparams"])
         worker["agent"].controller.set_params(ckpt["params_best"])
         state["agent"] = worker["agent"]
     return state
@@ -110,13 +120,15 @@ class Agent:
         self.state = self.mdnrnn.initial_state(1)
 
     @torch.inference_mode()
-    def act(self, obs: np.ndarray, rng: np.random.Generator | None = None, noise_std: float = 0.0
-            ) -> tuple[np.ndarray, torch.Tensor]:
+    def act(self, obs: np.ndarray, rng: np.random.Generator | None = None, noise_std: float = 0.0,
+            proprio: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor]:
         """uint8 env observation -> (float32 action (A,) in bounds, z (1, D)); advances M's state with
-        the action returned. noise_std > 0 adds N(0, noise_std^2) noise from `rng`, clipped to the bounds."""
+        the action returned. noise_std > 0 adds N(0, noise_std^2) noise from `rng`, clipped to the bounds.
+        proprio (P,) float32 (info["proprio"]) is C's extra input when controller.inputs is z_h_proprio."""
         x = frames_to_tensor(preprocess_frame(obs, self.env_cfg)[None])  # (1, 3, S, S)
         z, _ = self.vision.encode(x)  # (1, D): the posterior mean
-        action = self.controller(z, self.state[0][0])  # (1, A)
+        extra = None if proprio is None or not self.controller.uses_proprio else torch.from_numpy(proprio)[None]
+        action = self.controller(z, self.state[0][0], extra)  # (1, A)
         if noise_std > 0:
             noisy = action.numpy() + rng.normal(0.0, noise_std, action.shape)
             action = torch.from_numpy(np.clip(noisy, self.controller.low, self.controller.high).astype(np.float32))
@@ -130,6 +142,7 @@ class EpisodeResult:
     steps: int
     early_stopped: bool
     frames: list = field(default_factory=list)  # uint8 (S, S, 3) frames, when recorded
+    success: bool | None = None  # info["is_success"] at the last step, for envs that report it (PandaReach)
 
 
 def run_agent_episode(
@@ -141,35 +154,38 @@ def run_agent_episode(
     cumulative return (a car stuck on the grass only loses 0.1 per step); use it
     for training only, never for evaluation.
     """
-    obs, _ = env.reset(seed=seed)
+    obs, info = env.reset(seed=seed)
     agent.reset()
     max_steps = max_steps or env.spec.max_episode_steps
     total, best, since_best, frames = 0.0, -np.inf, 0, []
     for t in range(max_steps):
         if record:
             frames.append(preprocess_frame(obs, agent.env_cfg))
-        action, _ = agent.act(obs)
-        obs, reward, terminated, truncated, _ = env.step(action)
+        action, _ = agent.act(obs, proprio=info.get("proprio"))
+        obs, reward, terminated, truncated, info = env.step(action)
         total += float(reward)
+        success = bool(info["is_success"]) if "is_success" in info else None
         if total > best:
             best, since_best = total, 0
         else:
             since_best += 1
         if terminated or truncated:
-            return EpisodeResult(total, t + 1, False, frames)
+            return EpisodeResult(total, t + 1, False, frames, success)
         if early_stop_steps and since_best >= early_stop_steps:
-            return EpisodeResult(total, t + 1, True, frames)
-    return EpisodeResult(total, max_steps, False, frames)
+            return EpisodeResult(total, t + 1, True, frames, success)
+    return EpisodeResult(total, max_steps, False, frames, success)
 
 
-def init_agent_worker(vision_path: str, mdnrnn_path: str, env_cfg: EnvConfig, threads: int = 1) -> dict:
-    """Worker state for stages 05 and 06: an env plus V, M and an empty C."""
+def init_agent_worker(vision_path: str, mdnrnn_path: str, env_cfg: EnvConfig, threads: int = 1,
+                      inputs: str = "z_h") -> dict:
+    """Worker state for stages 05 and 06: an env plus V, M and an empty C seeing `inputs`
+    (controller.inputs)."""
     torch.set_num_threads(threads)
     vision, _ = load_vision(vision_path)
     mdnrnn, _ = load_mdnrnn(mdnrnn_path)
     env = make_env(env_cfg)
-    controller = LinearController(
-        vision.z_dim + mdnrnn.hidden, env.action_space.low, env.action_space.high
+    controller = LinearController.for_world_model(
+        vision.z_dim, mdnrnn.hidden, env.action_space.low, env.action_space.high, inputs, proprio_dim(env_cfg)
     )
     return {"env": env, "agent": Agent(vision, mdnrnn, controller, env_cfg)}
 
@@ -181,4 +197,5 @@ def agent_task(state: dict, task: dict) -> dict:
     result = run_agent_episode(
         state["env"], agent, task["seed"], task.get("max_steps", 0), task.get("early_stop_steps", 0)
     )
-    return {"return": result.ret, "steps": result.steps, "early_stopped": result.early_stopped, "seed": task["seed"]}
+    return {"return": result.ret, "steps": result.steps, "early_stopped": result.early_stopped, "seed": task["seed"],
+            "success": result.success}
