@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if best:
         print(f"[05] best CMA-ES mean at generation {best['generation']}: "
-              f"{best['heldout_mean']:.1f} +- {best['heldout_std']:.1f} on {cc.eval_episodes} held-out tracks")
+              f"{best['heldout_mean']:.1f} +- {best['heldout_std']:.1f} on {cc.eval_episodes} held-out episodes")
 
 
 if __name__ == "__main__":

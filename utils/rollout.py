@@ -7,6 +7,9 @@ so that M also sees what happens when the car drives.
 The frame of an episode follows this path: env observation (uint8 96x96x3)
 -> `preprocess_frame` (uint8 64x64x3) -> V.encode -> z = mu (32,) ->
 C([z, h]) -> action -> env.step; then M.advance(z, action) updates h.
+On PandaReach the observation is the 84x84 `env.render()` frame
+(utils.envs.PandaPixels), z has 8 dims, and with controller.inputs =
+z_h_proprio C also reads info["proprio"], the 7 joint angles.
 """
 
 from __future__ import annotations

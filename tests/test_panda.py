@@ -1,0 +1,178 @@
+"""PandaReach from pixels with joint control: frames, recorded extras, the proprio controller, 01-06 end to end."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, STAGES, assert_ok, assert_user_error, run_script, write_config
+from models.controller import LinearController
+from utils.config import EnvConfig, RolloutsConfig
+from utils.envs import make_env, preprocess_frame
+from utils.rollout import record_episode
+
+PANDA_ENV = {"id": "PandaReachJoints-v3", "frame_size": 64, "max_episode_steps": 50, "render_size": 84}
+PANDA_HOME_POSE = np.array([0.0, 0.41, 0.0, -1.85, 0.0, 2.26, 0.79], dtype=np.float32)  # panda-gym's neutral joints
+
+
+def goal_marker_mask(frame: np.ndarray) -> np.ndarray:
+    """Pixels of panda-gym's green goal sphere (RGB about (17, 155, 17)): bool (H, W)."""
+    r, g, b = (frame[..., i].astype(int) for i in range(3))
+    return (g > 100) & (g - r > 40) & (g - b > 40)
+
+
+@pytest.fixture(scope="module")
+def panda_env():
+    env = make_env(EnvConfig(**PANDA_ENV))
+    yield env
+    env.close()
+
+
+def test_frames_have_the_configured_size_and_show_the_goal(panda_env):
+    cfg = EnvConfig(**PANDA_ENV)
+    centroids = []
+    for seed in range(5):
+        obs, info = panda_env.reset(seed=seed)
+        assert obs.shape == (84, 84, 3) and obs.dtype == np.uint8
+        frame = preprocess_frame(obs, cfg)
+        assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+        mask = goal_marker_mask(frame)
+        assert mask.sum() >= 1, f"goal marker not visible at seed {seed}"
+        centroids.append(np.argwhere(mask).mean(axis=0))
+        assert info["proprio"].shape == (7,) and info["desired_goal"].shape == (3,)
+    # the marker moves with the goal: five random goals do not land on one pixel
+    assert np.ptp(np.array(centroids), axis=0).max() > 3
+
+
+def test_frame_size_follows_the_config():
+    env = make_env(EnvConfig(**{**PANDA_ENV, "render_size": 48}))
+    obs, _ = env.reset(seed=0)
+    env.close()
+    assert obs.shape == (48, 48, 3) and env.observation_space.shape == (48, 48, 3)
+
+
+def test_recorded_episode_holds_proprio_and_goal(panda_env):
+    cfg = EnvConfig(**PANDA_ENV)
+    episode = record_episode(panda_env, cfg, RolloutsConfig(policy="uniform", max_steps=12), seed=3)
+    T = len(episode["actions"])
+    assert T == 12 and episode["obs"].shape == (T, 64, 64, 3)
+    assert episode["actions"].shape == (T, 7)
+    assert episode["proprio"].shape == (T, 7) and episode["proprio"].dtype == np.float32
+    np.testing.assert_allclose(episode["proprio"][0], PANDA_HOME_POSE, atol=0.01)  # the pose the first frame shows
+    assert np.abs(np.diff(episode["proprio"], axis=0)).max() > 1e-3  # the joints move with the actions
+    assert episode["desired_goal"].shape == (T, 3)
+    assert np.ptp(episode["desired_goal"], axis=0).max() == 0  # one goal per episode
+
+
+def test_controller_with_proprio_inputs():
+    low, high = -np.ones(7), np.ones(7)
+    c = LinearController.for_world_model(8, 16, low, high, "z_h_proprio", proprio_dim=7)
+    assert c.in_dim == 8 + 16 + 7 and c.num_params == 7 * (31 + 1) and c.uses_proprio
+    c.set_params(np.random.default_rng(0).normal(size=c.num_params))
+    z, h, q = torch.randn(2, 8), torch.randn(2, 16), torch.randn(2, 7)
+    a = c(z, h, q)
+    assert a.shape == (2, 7) and (a.abs() <= 1).all()
+    # the proprio inputs are the last columns of W: zeroing them makes C ignore q
+    w = c.weight.clone()
+    w[:, 24:] = 0
+    c.weight = w
+    torch.testing.assert_close(c(z, h, q), c(z, h, torch.zeros(2, 7)))
+    with pytest.raises(ValueError, match="takes 31 inputs, got 24"):
+        c(z, h)
+    again = LinearController(**c.hparams())
+    assert again.inputs == "z_h_proprio" and again.in_dim == 31
+    with pytest.raises(ValueError, match="proprio vector"):
+        LinearController.for_world_model(8, 16, low, high, "z_h_proprio", proprio_dim=0)
+
+
+TINY_PANDA = {
+    "env": PANDA_ENV,
+    "rollouts": {"episodes": 3, "max_steps": 12, "policy": "uniform", "workers": 2},
+    "mdnrnn": {"seq_len": 6},
+    "controller": {"popsize": 4, "rollouts_per_candidate": 1, "generations": 1, "max_steps": 8,
+                   "early_stop_steps": 0, "eval_every": 1, "eval_episodes": 1, "workers": 2},
+    "evaluate": {"episodes": 3, "max_steps": 10, "workers": 2, "recon_frames": 4, "fid_frames": 0, "gif_every": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def panda_run(tmp_path_factory):
+    """Stages 01-06 on PandaReachJoints-v3 with a tiny budget, C on pixels only."""
+    folder = tmp_path_factory.mktemp("panda")
+    config = write_config(folder, folder / "run", **TINY_PANDA)
+    outputs = {}
+    for stage in STAGES:
+        outputs[stage] = run_script(stage, config)
+        assert_ok(outputs[stage])
+    return {"config": config, "run_dir": str(folder / "run"), "folder": str(folder), "outputs": outputs}
+
+
+def test_stages_end_to_end_on_panda_reach(panda_run):
+    run_dir = panda_run["run_dir"]
+    with np.load(os.path.join(run_dir, "rollouts", "episode_00000.npz")) as ep:
+        assert ep["obs"].shape == (12, 64, 64, 3) and ep["actions"].shape == (12, 7)
+        assert ep["proprio"].shape == (12, 7) and ep["desired_goal"].shape == (12, 3)
+    ckpt = torch.load(os.path.join(run_dir, "controller", "controller.pt"), weights_only=False)
+    assert ckpt["hparams"]["inputs"] == "z_h" and ckpt["params_best"].shape == (7 * (8 + 16 + 1),)
+    scores = json.load(open(os.path.join(run_dir, "eval", "scores.json")))
+    assert scores["env"] == "PandaReachJoints-v3" and scores["episodes"] == 3
+    assert len(scores["successes"]) == 3 and scores["success_rate"] == np.mean(scores["successes"])
+    assert all(-10 <= r <= 0 for r in scores["returns"])  # sparse reward: -1 per step until success, <= 10 steps
+    assert f"success rate: {100 * scores['success_rate']:.0f} %" in panda_run["outputs"]["06_evaluate"].stdout
+    report = open(os.path.join(run_dir, "eval", "report.md")).read()
+    assert f"**{100 * scores['success_rate']:.0f} %** of 3 episodes" in report
+    assert os.path.getsize(os.path.join(run_dir, "eval", "episode.gif")) > 0
+
+
+def test_proprio_controller_end_to_end_and_table_3(panda_run):
+    """05 and 06 with controller.inputs=z_h_proprio on the same V and M, then the random baseline and
+    the comparison report's Table 3."""
+    run_dir = os.path.join(panda_run["folder"], "proprio")
+    os.makedirs(run_dir)
+    for stage in ("rollouts", "vision", "latents", "mdnrnn"):
+        shutil.copytree(os.path.join(panda_run["run_dir"], stage), os.path.join(run_dir, stage))
+    config = panda_run["config"]
+    overrides = ["--set", "controller.inputs=z_h_proprio", f"run_dir={run_dir}"]
+    assert_ok(run_script("05_train_controller", config, *overrides))
+    ckpt = torch.load(os.path.join(run_dir, "controller", "controller.pt"), weights_only=False)
+    assert ckpt["hparams"]["inputs"] == "z_h_proprio" and ckpt["params_best"].shape == (7 * (8 + 16 + 7 + 1),)
+    assert_ok(run_script("06_evaluate", config, *overrides))
+    scores = json.load(open(os.path.join(run_dir, "eval", "scores.json")))
+    assert scores["inputs"] == "z_h_proprio" and "success_rate" in scores and "dream" not in scores
+
+    proc = subprocess.run([sys.executable, "benchmarks/random_policy.py", "--config", config, "--episodes", "20"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    random = json.load(open(os.path.join(panda_run["run_dir"], "eval", "random_policy.json")))
+    assert random["episodes"] == 20 and len(random["successes"]) == 20
+    assert random["steps"] == [50 if not s else n for s, n in zip(random["successes"], random["steps"])]
+
+    out = os.path.join(panda_run["folder"], "compare.md")
+    assert_ok(run_script("06_evaluate", config, "--compare", panda_run["run_dir"], run_dir, "--out", out))
+    text = open(out).read()
+    table = text.split("## Table 3")[1].split("##")[0]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()
+            if line.startswith("| conv VAE")]
+    assert len(rows) == 2  # columns: world model, run, inputs, success, return, random policy's success, thesis, ...
+    pixels = json.load(open(os.path.join(panda_run["run_dir"], "eval", "scores.json")))
+    assert rows[0][2:6] == ["pixels: [z, h]", f"{100 * pixels['success_rate']:.0f} % (3)",
+                            f"{pixels['mean']:.1f} +- {pixels['std']:.1f}", f"{100 * random['success_rate']:.0f} % (20)"]
+    assert rows[1][2:6] == ["pixels + joint angles: [z, h, q]", f"{100 * scores['success_rate']:.0f} % (3)",
+                            f"{scores['mean']:.1f} +- {scores['std']:.1f}", "-"]  # no random-policy file there
+    assert rows[0][6] == rows[1][6] == "-"  # the thesis has no conv VAE number for Panda
+
+
+def test_proprio_inputs_need_a_real_panda_env(tmp_path):
+    config = write_config(tmp_path, tmp_path / "car")  # the tiny CarRacing config: no proprio vector
+    proc = run_script("05_train_controller", config, "--set", "controller.inputs=z_h_proprio")
+    assert_user_error(proc, "controller.inputs", "CarRacing-v3")
+    assert not os.path.exists(tmp_path / "car")
+    config = write_config(tmp_path, tmp_path / "run", **TINY_PANDA)
+    proc = run_script("05_train_controller", config, "--set", "controller.inputs=z_h_proprio", "controller.env=dream")
+    assert_user_error(proc, "controller.inputs", "controller.env=dream")
+    assert not os.path.exists(tmp_path / "run")
