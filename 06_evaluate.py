@@ -38,7 +38,7 @@ from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
 from utils.fid import fid_unavailable, vision_fid
 from utils.data import sample_frames
-from utils.envs import frames_to_tensor, make_env, proprio_dim
+from utils.envs import frames_to_tensor, goal_marker_mask, is_panda, make_env, proprio_dim
 from utils.errors import UserError
 from utils.dream import DreamEnv, dream_score, start_latents
 from utils.io import atomic_path, list_episodes, load_checkpoint, save_json, write_manifest
@@ -46,6 +46,9 @@ from utils.parallel import WorkerPool
 from utils.report import budget_summary, plot_training_curves, write_compare_report, write_run_report
 from utils.rollout import Agent, agent_task, init_agent_worker, run_agent_episode
 from utils.seeding import env_seed
+
+
+GOAL_MARKER_FRAMES = 512  # held-out frames for the PandaReach goal-marker check
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -114,6 +117,17 @@ def held_out_frames(cfg, vision_path: str, n: int) -> np.ndarray | None:
     files = [os.path.join(stage_dir(cfg, "rollouts"), f) for f in held_out]
     files = [f for f in files if os.path.exists(f)]
     return sample_frames(files, n, cfg.seed) if files and n > 0 else None
+
+
+@torch.inference_mode()
+def goal_marker_visibility(vision, frames: np.ndarray) -> dict:
+    """PandaReach: does z keep the goal? Of held-out frames uint8 (N, S, S, 3), the fraction that show the
+    goal marker, and of those the fraction whose reconstruction decode(mu(frame)) still shows it."""
+    shown = goal_marker_mask(frames).any(axis=(1, 2))
+    recon = to_uint8(vision.reconstruct(frames_to_tensor(frames)))
+    kept = goal_marker_mask(recon).any(axis=(1, 2))
+    return {"frames": len(frames), "in_frames": float(shown.mean()),
+            "in_reconstructions": float(kept[shown].mean()) if shown.any() else 0.0}
 
 
 def compute_fid(cfg, vision, vision_path: str) -> dict:
@@ -219,6 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     if frames is not None:
         save_reconstruction_grid(os.path.join(out_dir, "reconstructions.png"), vision, frames)
         media["held-out frames (top) and reconstructions (bottom)"] = "reconstructions.png"
+    if is_panda(cfg.env.id) and frames is not None:
+        scores["goal_marker"] = goal_marker_visibility(vision, held_out_frames(cfg, vision_path, GOAL_MARKER_FRAMES))
+        save_json(os.path.join(out_dir, "scores.json"), scores)
+        g = scores["goal_marker"]
+        print(f"[06] goal marker: in {100 * g['in_frames']:.0f} % of {g['frames']} held-out frames, kept by V's "
+              f"reconstruction in {100 * g['in_reconstructions']:.0f} % of those")
     if plot_training_curves(cfg.run_dir, os.path.join(out_dir, "training_curves.png")):
         media["training curves: V and M per epoch, C per generation"] = "training_curves.png"
     fid = None

@@ -13,17 +13,11 @@ import torch
 from conftest import ROOT, STAGES, assert_ok, assert_user_error, run_script, write_config
 from models.controller import LinearController
 from utils.config import EnvConfig, RolloutsConfig
-from utils.envs import make_env, preprocess_frame
+from utils.envs import goal_marker_mask, make_env, preprocess_frame
 from utils.rollout import record_episode
 
 PANDA_ENV = {"id": "PandaReachJoints-v3", "frame_size": 64, "max_episode_steps": 50, "render_size": 84}
 PANDA_HOME_POSE = np.array([0.0, 0.41, 0.0, -1.85, 0.0, 2.26, 0.79], dtype=np.float32)  # panda-gym's neutral joints
-
-
-def goal_marker_mask(frame: np.ndarray) -> np.ndarray:
-    """Pixels of panda-gym's green goal sphere (RGB about (17, 155, 17)): bool (H, W)."""
-    r, g, b = (frame[..., i].astype(int) for i in range(3))
-    return (g > 100) & (g - r > 40) & (g - b > 40)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +121,10 @@ def test_stages_end_to_end_on_panda_reach(panda_run):
     report = open(os.path.join(run_dir, "eval", "report.md")).read()
     assert f"**{100 * scores['success_rate']:.0f} %** of 3 episodes" in report
     assert os.path.getsize(os.path.join(run_dir, "eval", "episode.gif")) > 0
+    marker = scores["goal_marker"]
+    assert marker["frames"] == 12 and marker["in_frames"] > 0.5  # the held-out episode's frames show the goal
+    assert 0 <= marker["in_reconstructions"] <= 1
+    assert "goal marker" in report
 
 
 def test_proprio_controller_end_to_end_and_table_3(panda_run):

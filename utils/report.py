@@ -108,6 +108,11 @@ def write_run_report(path: str, cfg, scores: dict, budget: dict, media: dict, fi
         lines += ["", f"Success rate (info[\"is_success\"] at the end of the episode): "
                       f"**{100 * scores['success_rate']:.0f} %** of {scores['episodes']} episodes. "
                       f"C sees {INPUT_NAMES[scores.get('inputs', 'z_h')]}."]
+    if "goal_marker" in scores:
+        g = scores["goal_marker"]
+        lines += ["", f"Does z keep the goal? The goal marker shows in {100 * g['in_frames']:.0f} % of {g['frames']} "
+                      f"held-out frames; V's reconstruction decode(mu(frame)) still shows it in "
+                      f"{100 * g['in_reconstructions']:.0f} % of those."]
     lines += [
         "",
         f"Evaluation seeds {scores['seeds'][0]}..{scores['seeds'][-1]} are disjoint from every training seed "
