@@ -21,11 +21,12 @@ import time
 import torch
 
 from models import load_world_model
+from models.controller import INFO_INPUTS, LinearController
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
 from utils.cmaes_trainer import ControllerTrainer
 from utils.config import config_to_dict
 from utils.dream import start_latents
-from utils.envs import make_env, proprio_dim
+from utils.envs import info_input_dims, make_env
 from utils.errors import UserError
 from utils.io import list_episodes, write_manifest
 
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     vision_path = args.vision or os.path.join(stage_dir(cfg, "vision"), "best.pt")
     mdnrnn_path = args.mdnrnn or os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt")
     cc = cfg.controller
-    if cc.inputs == "z_h_proprio" and (cc.env == "dream" or not proprio_dim(cfg.env)):
-        raise UserError(f"controller.inputs: z_h_proprio needs the real env of a task with a proprio vector "
+    needs = INFO_INPUTS[cc.inputs]
+    if needs and (cc.env == "dream" or not set(needs) <= set(info_input_dims(cfg.env))):
+        raise UserError(f"controller.inputs: {cc.inputs} needs the real env of a task that gives {', '.join(needs)} "
                         f"(PandaReach); got controller.env={cc.env}, env.id={cfg.env.id}")
     vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
     env = make_env(cfg.env)
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         dream = (mdnrnn, start_latents(list_episodes(stage_dir(cfg, "latents"), "latents")))
     out_dir = stage_dir(cfg, "controller")
     os.makedirs(out_dir, exist_ok=True)
-    in_dim = vision.z_dim + mdnrnn.hidden + (proprio_dim(cfg.env) if cc.inputs == "z_h_proprio" else 0)
+    in_dim = LinearController.for_world_model(vision.z_dim, mdnrnn.hidden, env.action_space.low, env.action_space.high,
+                                              cc.inputs, info_input_dims(cfg.env)).in_dim
     trainer = ControllerTrainer(
         cfg, vision_path, mdnrnn_path, in_dim, env.action_space.low, env.action_space.high, out_dir, dream, cc.inputs,
     )

@@ -38,7 +38,7 @@ from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
 from utils.fid import fid_unavailable, vision_fid
 from utils.data import sample_frames
-from utils.envs import frames_to_tensor, goal_marker_mask, is_panda, make_env, proprio_dim
+from utils.envs import frames_to_tensor, goal_marker_mask, is_panda, info_input_dims, make_env
 from utils.errors import UserError
 from utils.dream import DreamEnv, dream_score, start_latents
 from utils.io import atomic_path, list_episodes, load_checkpoint, save_json, write_manifest
@@ -170,11 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = load_checkpoint(controller_path, "controller")
     vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
     controller = LinearController(**ckpt["hparams"])
-    extra = proprio_dim(cfg.env) if controller.uses_proprio else 0
-    if controller.in_dim != vision.z_dim + mdnrnn.hidden + extra:
+    dims = info_input_dims(cfg.env)
+    extra = sum(dims.get(key, 0) for key in controller.info_keys)
+    if controller.in_dim != vision.z_dim + mdnrnn.hidden + extra or not set(controller.info_keys) <= set(dims):
         raise UserError(
             f"{controller_path}: controller ({controller.inputs}) takes {controller.in_dim} inputs, but V, M and "
-            f"the env give z_dim + hidden + proprio = {vision.z_dim} + {mdnrnn.hidden} + {extra}"
+            f"{cfg.env.id} give z_dim + hidden + info inputs = {vision.z_dim} + {mdnrnn.hidden} + {extra}"
         )
     params = ckpt["params_best"] if ec.params == "best" else ckpt["params_mean"]
     controller.set_params(params)
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         scores |= {"success_rate": float(np.mean(successes)), "successes": successes}
     # The dream's verdict on this C beside the real one: for a dream-trained C, the score it believes it has
     # (Ha & Schmidhuber's Doom table); for a real-trained C, whether M's dream recognises a driver at all.
-    latents = stage_dir(cfg, "latents")  # (M's dream has no proprio vector to show a z_h_proprio controller)
-    if not controller.uses_proprio and os.path.isdir(latents) and any(n.endswith(".npz") for n in os.listdir(latents)):
+    latents = stage_dir(cfg, "latents")  # (M's dream has no joint angles or goal to show a C that reads them)
+    if not controller.info_keys and os.path.isdir(latents) and any(n.endswith(".npz") for n in os.listdir(latents)):
         starts = start_latents(list_episodes(latents, "latents"))
         scores["dream"] = dream_score(mdnrnn, starts, params, controller.low, controller.high,
                                       cfg.controller.temperature, ec.episodes, ec.max_steps or cfg.env.max_episode_steps,

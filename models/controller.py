@@ -6,7 +6,10 @@ is 3 * 288 + 3 = 867 parameters, as in Ha & Schmidhuber (2018). The
 parameters are one flat float vector for CMA-ES: W row-major, then b.
 
 With controller.inputs = z_h_proprio (PandaReach), C also sees the proprio
-vector p_t (the 7 joint angles, rad): a_t = squash(W [z_t, h_t, p_t] + b).
+vector q_t (the 7 joint angles, rad): a_t = squash(W [z_t, h_t, q_t] + b).
+z_h_proprio_goal adds the goal position g (3,) from the env's state as well:
+not the thesis's setting (the goal should come from the pixels) but the
+upper bound of what a linear C can learn on a given budget.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import torch
 from utils.envs import squash_to_bounds
 
 
-INPUTS = ("z_h", "z_h_proprio")
+# controller.inputs -> the env info entries C reads besides z and h, in this order
+INFO_INPUTS = {"z_h": (), "z_h_proprio": ("proprio",), "z_h_proprio_goal": ("proprio", "desired_goal")}
 
 
 class LinearController:
-    """a = squash(W x + b) with x = [z, h] (or [z, h, proprio]) float32 (B, in_dim) -> a float32 (B, A) in bounds.
+    """a = squash(W x + b) with x = [z, h, info entries of INFO_INPUTS[inputs]] float32 (B, in_dim) -> a float32
+    (B, A) in bounds.
 
     Raises:
         ValueError: `set_params` with a vector of the wrong size; a call whose inputs do not add up to in_dim;
@@ -31,8 +36,8 @@ class LinearController:
     kind = "controller"
 
     def __init__(self, in_dim: int, action_low, action_high, inputs: str = "z_h"):
-        if inputs not in INPUTS:
-            raise ValueError(f"controller inputs must be one of {INPUTS}, got {inputs!r}")
+        if inputs not in INFO_INPUTS:
+            raise ValueError(f"controller inputs must be one of {tuple(INFO_INPUTS)}, got {inputs!r}")
         self.in_dim, self.inputs = int(in_dim), inputs
         self.low = np.asarray(action_low, dtype=np.float32)
         self.high = np.asarray(action_high, dtype=np.float32)
@@ -42,20 +47,30 @@ class LinearController:
 
     @classmethod
     def for_world_model(cls, z_dim: int, hidden: int, action_low, action_high, inputs: str = "z_h",
-                        proprio_dim: int = 0) -> "LinearController":
-        """The controller of a V with z_dim and an M with `hidden` units; z_h_proprio adds proprio_dim inputs.
+                        info_dims: dict[str, int] | None = None) -> "LinearController":
+        """The controller of a V with z_dim and an M with `hidden` units, plus the sizes `info_dims` of the env's
+        info entries that `inputs` names (utils.envs.info_input_dims).
 
         Raises:
-            ValueError: inputs z_h_proprio with proprio_dim 0 (an env without a proprio vector).
+            ValueError: `inputs` names an entry the env does not give (e.g. proprio on CarRacing).
         """
-        if inputs == "z_h_proprio" and proprio_dim <= 0:
-            raise ValueError("controller.inputs z_h_proprio needs an env with a proprio vector (PandaReach)")
-        extra = proprio_dim if inputs == "z_h_proprio" else 0
+        info_dims = info_dims or {}
+        missing = [key for key in INFO_INPUTS.get(inputs, ()) if key not in info_dims]
+        if missing:
+            raise ValueError(f"controller inputs {inputs} need info[{missing[0]!r}], which this env does not give")
+        extra = sum(info_dims[key] for key in INFO_INPUTS.get(inputs, ()))
         return cls(z_dim + hidden + extra, action_low, action_high, inputs)
 
     @property
-    def uses_proprio(self) -> bool:
-        return self.inputs == "z_h_proprio"
+    def info_keys(self) -> tuple[str, ...]:
+        """The env info entries C reads besides z and h (empty for z_h)."""
+        return INFO_INPUTS[self.inputs]
+
+    def info_vector(self, info: dict) -> torch.Tensor | None:
+        """(1, E) float32 concatenation of info[key] for `info_keys`, or None for z_h."""
+        if not self.info_keys:
+            return None
+        return torch.from_numpy(np.concatenate([np.asarray(info[k], dtype=np.float32) for k in self.info_keys]))[None]
 
     @property
     def num_params(self) -> int:
@@ -72,9 +87,9 @@ class LinearController:
     def get_params(self) -> np.ndarray:
         return np.concatenate([self.weight.numpy().ravel(), self.bias.numpy()]).astype(np.float32)
 
-    def __call__(self, z: torch.Tensor, h: torch.Tensor, proprio: torch.Tensor | None = None) -> torch.Tensor:
-        """z (B, D), h (B, H) and, for inputs z_h_proprio, proprio (B, P), all float32 -> action (B, A)."""
-        parts = [z, h] if proprio is None else [z, h, proprio.to(z.dtype)]
+    def __call__(self, z: torch.Tensor, h: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, D), h (B, H) and, for inputs beyond z_h, extra (B, E) = `info_vector`, float32 -> action (B, A)."""
+        parts = [z, h] if extra is None else [z, h, extra.to(z.dtype)]
         x = torch.cat(parts, dim=-1)  # (B, in_dim)
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"controller ({self.inputs}) takes {self.in_dim} inputs, got {x.shape[-1]}")

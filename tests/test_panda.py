@@ -65,8 +65,8 @@ def test_recorded_episode_holds_proprio_and_goal(panda_env):
 
 def test_controller_with_proprio_inputs():
     low, high = -np.ones(7), np.ones(7)
-    c = LinearController.for_world_model(8, 16, low, high, "z_h_proprio", proprio_dim=7)
-    assert c.in_dim == 8 + 16 + 7 and c.num_params == 7 * (31 + 1) and c.uses_proprio
+    c = LinearController.for_world_model(8, 16, low, high, "z_h_proprio", {"proprio": 7, "desired_goal": 3})
+    assert c.in_dim == 8 + 16 + 7 and c.num_params == 7 * (31 + 1) and c.info_keys == ("proprio",)
     c.set_params(np.random.default_rng(0).normal(size=c.num_params))
     z, h, q = torch.randn(2, 8), torch.randn(2, 16), torch.randn(2, 7)
     a = c(z, h, q)
@@ -80,8 +80,14 @@ def test_controller_with_proprio_inputs():
         c(z, h)
     again = LinearController(**c.hparams())
     assert again.inputs == "z_h_proprio" and again.in_dim == 31
-    with pytest.raises(ValueError, match="proprio vector"):
-        LinearController.for_world_model(8, 16, low, high, "z_h_proprio", proprio_dim=0)
+    info = {"proprio": np.arange(7, dtype=np.float32), "desired_goal": np.array([7, 8, 9], dtype=np.float32)}
+    torch.testing.assert_close(c.info_vector(info), torch.arange(7.0)[None])
+    goal = LinearController.for_world_model(8, 16, low, high, "z_h_proprio_goal", {"proprio": 7, "desired_goal": 3})
+    assert goal.in_dim == 8 + 16 + 10
+    torch.testing.assert_close(goal.info_vector(info), torch.arange(10.0)[None])  # proprio, then the goal
+    assert LinearController(32, low, high).info_vector(info) is None
+    with pytest.raises(ValueError, match="need info\\['proprio'\\]"):
+        LinearController.for_world_model(8, 16, low, high, "z_h_proprio", {})
 
 
 TINY_PANDA = {

@@ -110,7 +110,8 @@ class MDNRNNConfig:
 @dataclass
 class ControllerConfig:
     env: str = "real"  # real: the env itself | dream: inside M (held-out re-evaluations stay real)
-    inputs: str = "z_h"  # what C sees: z_h ([z, h], pixels only) | z_h_proprio ([z, h, joint angles]; real env, PandaReach)
+    inputs: str = "z_h"  # what C sees: z_h ([z, h], pixels only) | z_h_proprio (+ the joint angles; real env, PandaReach)
+    # | z_h_proprio_goal (+ joint angles and the goal position from the state: an upper bound, not from pixels)
     temperature: float = 1.0  # tau of M's sampling in the dream (Ha & Schmidhuber section 4.5)
     popsize: int = 16  # CMA-ES population
     rollouts_per_candidate: int = 2  # fitness = mean return over this many episodes
@@ -158,7 +159,7 @@ CHOICES = {
     "vision.likelihood": ("gaussian", "bernoulli", "logistic_mixture"),
     "vision.device": ("cpu", "cuda", "auto"),
     "controller.env": ("real", "dream"),
-    "controller.inputs": ("z_h", "z_h_proprio"),
+    "controller.inputs": ("z_h", "z_h_proprio", "z_h_proprio_goal"),
     "evaluate.params": ("best", "mean"),
 }
 

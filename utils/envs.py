@@ -32,9 +32,9 @@ def is_panda(env_id: str) -> bool:
     return env_id.startswith("Panda")
 
 
-def proprio_dim(env_cfg: EnvConfig) -> int:
-    """Size of the proprio vector the env puts in info["proprio"] (0: none)."""
-    return PANDA_JOINTS if is_panda(env_cfg.id) else 0
+def info_input_dims(env_cfg: EnvConfig) -> dict[str, int]:
+    """Sizes of the info entries the env gives that a controller may read (controller.inputs)."""
+    return {"proprio": PANDA_JOINTS, "desired_goal": 3} if is_panda(env_cfg.id) else {}
 
 
 def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = True):

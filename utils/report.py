@@ -267,7 +267,8 @@ def _success(s: dict | None) -> str:
     return f"{100 * s['success_rate']:.0f} % ({s['episodes']})" if s and "success_rate" in s else "-"
 
 
-INPUT_NAMES = {"z_h": "pixels: [z, h]", "z_h_proprio": "pixels + joint angles: [z, h, q]"}
+INPUT_NAMES = {"z_h": "pixels: [z, h]", "z_h_proprio": "pixels + joint angles: [z, h, q]",
+               "z_h_proprio_goal": "pixels + joint angles + goal from the state: [z, h, q, g] (upper bound)"}
 
 
 # (table, title, our columns, their cells for a run): the thesis's Tables 1-3.

@@ -23,7 +23,7 @@ import torch
 from models import load_mdnrnn, load_vision
 from models.controller import LinearController
 from utils.config import EnvConfig, RolloutsConfig
-from utils.envs import RandomPolicy, frames_to_tensor, make_env, preprocess_frame, proprio_dim
+from utils.envs import RandomPolicy, frames_to_tensor, make_env, info_input_dims, preprocess_frame
 from utils.io import episode_path, save_npz
 
 EPISODE_EXTRAS = ("proprio", "desired_goal")  # per-step info of task envs, saved in the rollout npz
@@ -51,7 +51,7 @@ def record_episode(env, env_cfg: EnvConfig, ro_cfg: RolloutsConfig, seed: int, a
         policy = RandomPolicy(ro_cfg.policy, env.action_space, rng, ro_cfg.brownian_dt)
     else:
         agent.reset()
-        policy = lambda: agent.act(obs, rng, ro_cfg.action_noise, info.get("proprio"))[0]  # noqa: E731 - reads the current obs
+        policy = lambda: agent.act(obs, rng, ro_cfg.action_noise, info)[0]  # noqa: E731 - reads the current obs
     max_steps = ro_cfg.max_steps or env_cfg.max_episode_steps
     frames, actions, rewards, terms, truncs = [], [], [], [], []
     extras = {key: [] for key in EPISODE_EXTRAS if key in info}
@@ -124,13 +124,13 @@ class Agent:
 
     @torch.inference_mode()
     def act(self, obs: np.ndarray, rng: np.random.Generator | None = None, noise_std: float = 0.0,
-            proprio: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor]:
+            info: dict | None = None) -> tuple[np.ndarray, torch.Tensor]:
         """uint8 env observation -> (float32 action (A,) in bounds, z (1, D)); advances M's state with
         the action returned. noise_std > 0 adds N(0, noise_std^2) noise from `rng`, clipped to the bounds.
-        proprio (P,) float32 (info["proprio"]) is C's extra input when controller.inputs is z_h_proprio."""
+        `info` (of the env step that gave obs) holds C's extra inputs when controller.inputs reads any."""
         x = frames_to_tensor(preprocess_frame(obs, self.env_cfg)[None])  # (1, 3, S, S)
         z, _ = self.vision.encode(x)  # (1, D): the posterior mean
-        extra = None if proprio is None or not self.controller.uses_proprio else torch.from_numpy(proprio)[None]
+        extra = self.controller.info_vector(info or {})
         action = self.controller(z, self.state[0][0], extra)  # (1, A)
         if noise_std > 0:
             noisy = action.numpy() + rng.normal(0.0, noise_std, action.shape)
@@ -164,7 +164,7 @@ def run_agent_episode(
     for t in range(max_steps):
         if record:
             frames.append(preprocess_frame(obs, agent.env_cfg))
-        action, _ = agent.act(obs, proprio=info.get("proprio"))
+        action, _ = agent.act(obs, info=info)
         obs, reward, terminated, truncated, info = env.step(action)
         total += float(reward)
         success = bool(info["is_success"]) if "is_success" in info else None
@@ -188,7 +188,7 @@ def init_agent_worker(vision_path: str, mdnrnn_path: str, env_cfg: EnvConfig, th
     mdnrnn, _ = load_mdnrnn(mdnrnn_path)
     env = make_env(env_cfg)
     controller = LinearController.for_world_model(
-        vision.z_dim, mdnrnn.hidden, env.action_space.low, env.action_space.high, inputs, proprio_dim(env_cfg)
+        vision.z_dim, mdnrnn.hidden, env.action_space.low, env.action_space.high, inputs, info_input_dims(env_cfg)
     )
     return {"env": env, "agent": Agent(vision, mdnrnn, controller, env_cfg)}
 
