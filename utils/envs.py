@@ -29,6 +29,7 @@ PANDA_JOINTS = 7  # the Panda arm's joints: proprio is their angles (rad)
 
 
 def is_panda(env_id: str) -> bool:
+    """True for panda-gym env ids (PandaReachJoints-v3, ...), which are seen through `PandaPixels`."""
     return env_id.startswith("Panda")
 
 
@@ -44,11 +45,14 @@ def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = 
     for policies that do not look, such as the random baseline).
 
     Raises:
-        UserError: the id is not a registered gymnasium (or panda-gym) env.
+        UserError: the id is not a registered gymnasium (or panda-gym) env, or panda-gym is not installed.
     """
     kwargs = {"max_episode_steps": env_cfg.max_episode_steps}
     if is_panda(env_cfg.id):
-        import panda_gym  # noqa: F401 - registers the Panda envs with gymnasium
+        try:
+            import panda_gym  # noqa: F401 - registers the Panda envs with gymnasium
+        except ImportError as exc:
+            raise UserError(f"env.id: {env_cfg.id} needs panda-gym ({exc}); install requirements.txt") from None
 
         kwargs |= {
             "render_width": env_cfg.render_size, "render_height": env_cfg.render_size,
