@@ -6,7 +6,7 @@
         rollouts.controller=runs/carracing_vae/controller/controller.pt   # iterative training
 
 Writes <run_dir>/rollouts/episode_NNNNN.npz (one per episode, written
-atomically; see utils/rollout.py for the arrays) and manifest.json. Episode i
+atomically; see utils/episodes.py run_episode for the arrays) and manifest.json. Episode i
 uses env seed utils.seeding.env_seed(seed, "rollouts", i). Rerunning skips the
 episodes already on disk, so a killed run resumes.
 
@@ -25,12 +25,14 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
+from utils.checkpoints import load_model, read_checkpoint
+from utils.cli import load_stage_config, open_stage_dir, run_stage, stage_parser
 from utils.config import config_to_dict
+from utils.envs import check_env
+from utils.episodes import expected_episode_s, init_recorder, record_task
 from utils.errors import UserError
-from utils.io import episode_path, list_episodes, load_checkpoint, write_manifest
+from utils.io import episode_path, list_episodes, write_manifest
 from utils.parallel import WorkerPool
-from utils.rollout import init_rollout_worker, rollout_task
 from utils.seeding import env_seed
 
 
@@ -45,9 +47,10 @@ def agent_paths(cfg) -> dict | None:
     path = cfg.rollouts.controller
     if not path:
         raise UserError("rollouts.controller: rollouts.policy=controller needs the path of a trained controller.pt")
-    inputs = load_checkpoint(path, "controller")["inputs"]
-    load_checkpoint(inputs["vision"], ("vae", "nvae"))
-    load_checkpoint(inputs["mdnrnn"], "mdnrnn")
+    load_model(path, "controller")
+    inputs = read_checkpoint(path).get("inputs") or {}
+    load_model(inputs.get("vision", ""), "vision")
+    load_model(inputs.get("mdnrnn", ""), "memory")
     return {"vision": inputs["vision"], "mdnrnn": inputs["mdnrnn"], "controller": os.path.abspath(path)}
 
 
@@ -55,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__.splitlines()[1]).parse_args(argv)
     cfg = load_stage_config(args)
     agent = agent_paths(cfg)
-    out_dir = stage_dir(cfg, "rollouts")
-    os.makedirs(out_dir, exist_ok=True)
+    check_env(cfg.env)
+    out_dir = open_stage_dir(cfg, "rollouts")
     start = time.perf_counter()
 
     todo = [i for i in range(cfg.rollouts.episodes) if not os.path.exists(episode_path(out_dir, i))]
@@ -66,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     stats = []
     if todo:
         tasks = [(i, env_seed(cfg.seed, "rollouts", i)) for i in todo]
-        with WorkerPool(cfg.rollouts.workers, init_rollout_worker, (cfg.env, cfg.rollouts, out_dir, agent), rollout_task) as pool:
+        steps = cfg.rollouts.max_steps or cfg.env.max_episode_steps
+        with WorkerPool(cfg.rollouts.workers, init_recorder, (cfg.env, cfg.rollouts, out_dir, agent), record_task,
+                        first_timeout_s=expected_episode_s(cfg.env, steps), task_steps=steps) as pool:
             stats = pool.map(tasks, progress="01 rollouts")
     wall = time.perf_counter() - start
     steps = sum(s["steps"] for s in stats)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Stage 02: train the vision model V (vision.kind: vae) on the rollout frames.
+"""Stage 02: train the vision model V (vision.kind: vae | nvae) on the rollout frames.
 
     python 02_train_nvae.py --config configs/carracing_vae.yaml
 
@@ -14,28 +14,31 @@ from __future__ import annotations
 import os
 import time
 
-from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
+from utils.cli import load_stage_config, open_stage_dir, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
-from utils.data import split_episodes
+from utils.data import check_rollouts, split_episodes
 from utils.errors import UserError
-from utils.io import check_episodes, list_episodes, write_manifest
+from utils.io import list_episodes, write_manifest
 from utils.seeding import seed_everything
-from utils.training import train_vision
+from utils.training import build_model, resolve_device, train_vision
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__.splitlines()[1]).parse_args(argv)
     cfg = load_stage_config(args)
     seed_everything(cfg.seed)
-    rollouts, out_dir = stage_dir(cfg, "rollouts"), stage_dir(cfg, "vision")
+    rollouts = stage_dir(cfg, "rollouts")
     files = list_episodes(rollouts)
-    check_episodes(files, ("actions",))
+    lengths = dict(zip(files, check_rollouts(files, cfg.env.frame_size)))
     train, held = split_episodes(files, cfg.vision.holdout_fraction, cfg.seed)
     if not held:
         raise UserError(f"{rollouts}: need at least 2 episodes to hold one out (found {len(files)})")
+    model = build_model("vision", cfg.vision.kind, cfg.vision.model_config(), frame_size=cfg.env.frame_size)
+    device = resolve_device(cfg.vision.device)
+    out_dir = open_stage_dir(cfg, "vision")
     print(f"[02] {cfg.vision.kind} z={cfg.vision.z_dim}: {len(train)} training / {len(held)} held-out episodes")
     start = time.perf_counter()
-    history = train_vision(cfg, train, held, out_dir)
+    history = train_vision(cfg, model.to(device), train, [lengths[f] for f in train], held, out_dir)
     best = min(history, key=lambda r: r["val_loss"])
     write_manifest(
         out_dir,

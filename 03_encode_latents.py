@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import load_vision
-from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
+from models.likelihood import frames_to_tensor
+from utils.checkpoints import load_model
+from utils.cli import load_stage_config, open_stage_dir, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
-from utils.envs import frames_to_tensor
+from utils.data import check_rollouts
 from utils.errors import UserError
 from utils.io import file_sha256, list_episodes, load_episode, save_npz, write_manifest
 from utils.training import resolve_device
@@ -56,17 +57,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision", help="vision checkpoint (default: <run_dir>/vision/best.pt)")
     args = parser.parse_args(argv)
     cfg = load_stage_config(args)
-    torch.set_num_threads(cfg.vision.workers)
+    torch.set_num_threads(cfg.vision.threads)
     vision_path = args.vision or os.path.join(stage_dir(cfg, "vision"), "best.pt")
     files = list_episodes(stage_dir(cfg, "rollouts"))
-    vision, _ = load_vision(vision_path)
-    vision.to(resolve_device(cfg.vision.device))
+    vision, _ = load_model(vision_path, "vision")
     if vision.z_dim != cfg.vision.z_dim:
         raise UserError(
             f"{vision_path}: checkpoint has z_dim={vision.z_dim} but key 'vision.z_dim' is {cfg.vision.z_dim}"
         )
+    check_rollouts(files, vision.frame_size)
+    vision.to(resolve_device(cfg.vision.device))
     sha = file_sha256(vision_path)
-    out_dir = stage_dir(cfg, "latents")
+    out_dir = open_stage_dir(cfg, "latents")
     start, encoded, action_dim = time.perf_counter(), 0, None
     for path in tqdm(files, desc="03 encode", unit="ep", disable=None):
         target = os.path.join(out_dir, os.path.basename(path))
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         ep = load_episode(path, EPISODE_KEYS)
         mu, logvar = encode_frames(vision, ep["obs"], cfg.latents.batch_size)
+        if not (np.isfinite(mu).all() and np.isfinite(logvar).all()):
+            raise UserError(f"{vision_path}: encodes {path} to NaN or inf latents; nothing was written for it")
         action_dim = ep["actions"].shape[1]
         save_npz(
             target, mu=mu, logvar=logvar, vision_sha256=np.str_(sha),

@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import time
 
-from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
+from utils.cli import load_stage_config, open_stage_dir, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
-from utils.data import LATENT_KEYS, split_episodes
+from utils.data import check_latents, split_episodes
 from utils.errors import UserError
-from utils.io import check_episodes, list_episodes, load_episode, read_manifest, write_manifest
+from utils.io import list_episodes, load_episode, read_manifest, write_manifest
 from utils.seeding import seed_everything
 from utils.training import train_mdnrnn
 
@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__.splitlines()[1]).parse_args(argv)
     cfg = load_stage_config(args)
     seed_everything(cfg.seed)
-    latents, out_dir = stage_dir(cfg, "latents"), stage_dir(cfg, "mdnrnn")
+    latents = stage_dir(cfg, "latents")
     files = list_episodes(latents, "latents")
-    check_episodes(files, LATENT_KEYS[2:])
+    check_latents(files)
     manifest = read_manifest(latents)
     sizes, sha = manifest["metrics"], manifest["inputs"]["vision_sha256"]
     for f in files:  # every episode must come from the V the manifest names, else z means different things
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     train, held = split_episodes(files, cfg.mdnrnn.holdout_fraction, cfg.seed)
     if not held:
         raise UserError(f"{latents}: need at least 2 episodes to hold one out (found {len(files)})")
+    out_dir = open_stage_dir(cfg, "mdnrnn")
     print(f"[04] MDN-RNN z={sizes['z_dim']} a={sizes['action_dim']}: {len(train)} training / {len(held)} held-out episodes")
     start = time.perf_counter()
     history = train_mdnrnn(cfg, train, held, sizes["z_dim"], sizes["action_dim"], out_dir)

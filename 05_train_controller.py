@@ -9,7 +9,7 @@ CMA-ES with a pool of worker processes that each hold an env plus V and M
 inside M from the starts of stage 03's latent episodes (controller.env=dream;
 the pool then only re-evaluates the CMA-ES mean in the real env), and writes
 <run_dir>/controller/: controller.pt, history.csv, learning_curve.png,
-cmaes_state.pkl and manifest.json. A killed run resumes where it stopped when
+cmaes_state.npz (data only) and manifest.json. A killed run resumes where it stopped when
 the same command is run again; --overwrite starts over.
 """
 
@@ -20,12 +20,12 @@ import time
 
 import torch
 
-from models import load_world_model
 from models.controller import INFO_INPUTS, LinearController
-from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser
+from utils.checkpoints import load_world_model
+from utils.cli import load_stage_config, open_stage_dir, run_stage, stage_dir, stage_parser
 from utils.cmaes_trainer import ControllerTrainer
 from utils.config import config_to_dict
-from utils.dream import start_latents
+from utils.data import check_latents, start_latents
 from utils.envs import info_input_dims, make_env
 from utils.errors import UserError
 from utils.io import list_episodes, write_manifest
@@ -47,20 +47,20 @@ def main(argv: list[str] | None = None) -> None:
                         f"(PandaReach); got controller.env={cc.env}, env.id={cfg.env.id}")
     vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
     env = make_env(cfg.env)
+    low, high = env.action_space.low, env.action_space.high
+    env.close()
     dream = None
     if cc.env == "dream":
-        torch.set_num_threads(cc.workers)
-        dream = (mdnrnn, start_latents(list_episodes(stage_dir(cfg, "latents"), "latents")))
-    out_dir = stage_dir(cfg, "controller")
-    os.makedirs(out_dir, exist_ok=True)
-    in_dim = LinearController.for_world_model(vision.z_dim, mdnrnn.hidden, env.action_space.low, env.action_space.high,
-                                              cc.inputs, info_input_dims(cfg.env)).in_dim
-    trainer = ControllerTrainer(
-        cfg, vision_path, mdnrnn_path, in_dim, env.action_space.low, env.action_space.high, out_dir, dream, cc.inputs,
-    )
-    env.close()
+        torch.set_num_threads(cc.threads)
+        files = list_episodes(stage_dir(cfg, "latents"), "latents")
+        check_latents(files)
+        dream = (mdnrnn, start_latents(files))
+    controller = LinearController.for_world_model(cc.model_config(), vision.z_dim, mdnrnn.hidden, low, high,
+                                                  info_input_dims(cfg.env))
+    out_dir = open_stage_dir(cfg, "controller")
+    trainer = ControllerTrainer(cfg, vision_path, mdnrnn_path, controller, out_dir, dream)
     where = f"in the dream (tau {cc.temperature:g}, {len(dream[1])} start latents)" if dream else "in the real env"
-    print(f"[05] CMA-ES {where}: C sees {cc.inputs}, {trainer.controller.num_params} parameters, population {cc.popsize} x "
+    print(f"[05] CMA-ES {where}: C sees {cc.inputs}, {controller.num_params} parameters, population {cc.popsize} x "
           f"{cc.rollouts_per_candidate} rollouts, {cc.generations} generations, {cc.workers} workers")
     start = time.perf_counter()
     state = trainer.run(overwrite=args.overwrite)

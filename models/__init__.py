@@ -1,103 +1,73 @@
-"""World-model parts: vision V (vae.py), memory M (mdnrnn.py), controller C (controller.py).
+"""The method: vision V, memory M, controller C, the agent and the dream. Imports torch, numpy, gymnasium only.
 
-`build_vision(cfg)` makes a fresh V from the config; `load_vision(path)` and
-`load_mdnrnn(path)` rebuild a trained model from its checkpoint file alone.
+- V: `vae.py` (ConvVAE, VAEConfig), `nvae.py` (NVAE, NVAEConfig), `likelihood.py` (p(x|z) and the pixel format)
+- M: `mdnrnn.py` (MDNRNN, MDNRNNConfig, its loss)
+- C: `controller.py` (LinearController, its parameter layout and squashing)
+- `agent.py`: one V -> C -> M step on a V-ready frame; `dream.py`: M as a gymnasium.Env and the batched dream
+
+The registries below name every kind a config may ask for; `build` makes a fresh model of a kind, and a
+checkpoint dict (`checkpoint_dict` / `from_checkpoint_dict`) holds only tensors and plain types:
+{"kind", "config" (the model's config dataclass as a dict), "sizes" (what the data fixed), "state_dict", ...}.
+Reading and writing files is utils/checkpoints.py's job.
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
+from models.controller import LinearController
+from models.hparams import config_from_dict
 from models.mdnrnn import MDNRNN
 from models.nvae import NVAE
 from models.vae import ConvVAE
-from utils.config import Config
-from utils.errors import UserError
-from utils.io import load_checkpoint
 
 VISION_KINDS = {"vae": ConvVAE, "nvae": NVAE}
+MEMORY_KINDS = {"mdnrnn": MDNRNN}
+CONTROLLER_KINDS = {"linear": LinearController}
+FAMILIES = {"vision": VISION_KINDS, "memory": MEMORY_KINDS, "controller": CONTROLLER_KINDS}
 
 
-def build_vision(cfg: Config) -> torch.nn.Module:
-    """A fresh, untrained V of kind `cfg.vision.kind`.
+def build(family: str, kind: str, config, **sizes):
+    """A fresh model of `kind` in `family` (vision | memory | controller) from its config dataclass and the
+    sizes the data fixed (vision: frame_size; memory: z_dim, action_dim; controller: in_dim, action bounds).
 
     Raises:
-        UserError: a size the architecture cannot take (e.g. env.frame_size).
+        ValueError: an unknown kind, or sizes and config the architecture cannot take.
     """
-    v = cfg.vision
+    kinds = FAMILIES[family]
+    if kind not in kinds:
+        raise ValueError(f"unknown {family} kind {kind!r} (expected one of: {', '.join(kinds)})")
+    return kinds[kind](config, **sizes)
+
+
+def checkpoint_dict(model, **extra) -> dict:
+    """{kind, config, sizes, state_dict, **extra}: tensors and plain types only (loads with weights_only=True).
+
+    Raises:
+        ValueError: an extra that would replace one of the four model entries.
+    """
+    clash = {"kind", "config", "sizes", "state_dict"} & set(extra)
+    if clash:
+        raise ValueError(f"checkpoint extras may not replace {sorted(clash)}")
+    return {"kind": model.kind, "config": dataclasses.asdict(model.config), "sizes": model.sizes(),
+            "state_dict": model.state_dict(), **extra}
+
+
+def from_checkpoint_dict(ckpt: dict, family: str):
+    """Rebuild a model of `family` (eval mode, CPU) from `checkpoint_dict` output.
+
+    Raises:
+        ValueError: a kind not of `family`, a config or sizes that do not build, or weights that do not fit.
+    """
+    kinds = FAMILIES[family]
+    kind = ckpt.get("kind")
+    if kind not in kinds:
+        raise ValueError(f"checkpoint of kind {kind!r}, expected a {family} checkpoint ({', '.join(kinds)})")
+    cls = kinds[kind]
     try:
-        if v.kind == "vae":
-            return ConvVAE(
-                z_dim=v.z_dim,
-                frame_size=cfg.env.frame_size,
-                likelihood=v.likelihood,
-                obs_std=v.obs_std,
-                kl_tolerance=v.kl_tolerance,
-                mixtures=v.mixtures,
-            )
-        if v.kind == "nvae":
-            n = v.nvae
-            return NVAE(
-                z_dim=v.z_dim,
-                frame_size=cfg.env.frame_size,
-                channels=n.channels,
-                preprocess_blocks=n.preprocess_blocks,
-                latent_scales=n.latent_scales,
-                groups_per_scale=n.groups_per_scale,
-                latent_channels=n.latent_channels,
-                cells_per_group=n.cells_per_group,
-                num_flows=n.num_flows,
-                likelihood=v.likelihood,
-                obs_std=v.obs_std,
-                kl_tolerance=v.kl_tolerance,
-                mixtures=v.mixtures,
-            )
-    except ValueError as exc:
-        raise UserError(f"vision.kind={v.kind}: {exc}") from None
-    raise UserError(f"vision.kind: unknown kind {v.kind!r}")
-
-
-def vision_checkpoint(model, **extra) -> dict:
-    """Self-describing checkpoint: {kind, hparams, state_dict, ...extra (config, optimizer, step, metrics)}."""
-    return {"kind": model.kind, "hparams": model.hparams(), "state_dict": model.state_dict(), **extra}
-
-
-def load_vision(path: str) -> tuple[torch.nn.Module, dict]:
-    """Rebuild V (eval mode, CPU) from a checkpoint written by stage 02.
-
-    Raises:
-        UserError: missing or unreadable file, or a checkpoint that is not a V.
-    """
-    ckpt = load_checkpoint(path, tuple(VISION_KINDS))
-    model = VISION_KINDS[ckpt["kind"]](**ckpt["hparams"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
-
-
-def load_mdnrnn(path: str) -> tuple[MDNRNN, dict]:
-    """Rebuild M (eval mode, CPU) from a checkpoint written by stage 04.
-
-    Raises:
-        UserError: missing or unreadable file, or a checkpoint that is not an MDN-RNN.
-    """
-    ckpt = load_checkpoint(path, MDNRNN.kind)
-    model = MDNRNN(**ckpt["hparams"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
-
-
-def load_world_model(vision_path: str, mdnrnn_path: str, z_dim: int | None = None):
-    """Load V and M and check that they agree on z_dim (and with the config's `vision.z_dim`).
-
-    Raises:
-        UserError: a missing or wrong-kind checkpoint, or mismatched latent sizes.
-    """
-    vision, _ = load_vision(vision_path)
-    mdnrnn, _ = load_mdnrnn(mdnrnn_path)
-    if mdnrnn.z_dim != vision.z_dim:
-        raise UserError(
-            f"{mdnrnn_path}: MDN-RNN trained on z_dim={mdnrnn.z_dim}, but {vision_path} has z_dim={vision.z_dim}"
-        )
-    if z_dim is not None and vision.z_dim != z_dim:
-        raise UserError(f"{vision_path}: checkpoint has z_dim={vision.z_dim} but key 'vision.z_dim' is {z_dim}")
-    return vision, mdnrnn
+        config = config_from_dict(cls.config_class, ckpt["config"], f"{kind} config")
+        model = cls(config, **ckpt["sizes"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise ValueError(f"weights do not fit a {kind} of this config ({str(exc).splitlines()[0]})") from None
+    return model.eval()

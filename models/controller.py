@@ -1,9 +1,11 @@
 """Linear controller C of World Models: a_t = squash(W [z_t, h_t] + b).
 
 squash maps each output into the env's action bounds with a tanh
-(utils.envs.squash_to_bounds). For CarRacing (z 32, h 256, 3 actions) this
-is 3 * 288 + 3 = 867 parameters, as in Ha & Schmidhuber (2018). The
-parameters are one flat float vector for CMA-ES: W row-major, then b.
+(`squash_to_bounds`). For CarRacing (z 32, h 256, 3 actions) this is
+3 * 288 + 3 = 867 parameters, as in Ha & Schmidhuber (2018). The parameters
+are one flat float vector for CMA-ES, laid out by `split_params` (W row-major,
+then b): the one-controller form (`LinearController.__call__`) and the
+population form the batched dream uses (`batched_actions`) both read it there.
 
 With controller.inputs = z_h_proprio (PandaReach), C also sees the proprio
 vector q_t (the 7 joint angles, rad): a_t = squash(W [z_t, h_t, q_t] + b).
@@ -14,52 +16,107 @@ upper bound of what a linear C can learn on a given budget.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from utils.envs import squash_to_bounds
-
+from models.hparams import param
 
 # controller.inputs -> the env info entries C reads besides z and h, in this order
 INFO_INPUTS = {"z_h": (), "z_h_proprio": ("proprio",), "z_h_proprio_goal": ("proprio", "desired_goal")}
+
+
+def squash_to_bounds(u, low, high):
+    """Map unbounded controller outputs into [low, high] with a tanh: low + (high - low) * (tanh(u) + 1) / 2.
+
+    Works on numpy arrays or torch tensors of shape (..., A); for CarRacing
+    (low = [-1, 0, 0], high = [1, 1, 1]) steering is tanh(u) and gas and brake
+    are (tanh(u) + 1) / 2.
+    """
+    if isinstance(u, torch.Tensor):
+        low_t = torch.as_tensor(low, dtype=u.dtype, device=u.device)
+        high_t = torch.as_tensor(high, dtype=u.dtype, device=u.device)
+        return low_t + (high_t - low_t) * (torch.tanh(u) + 1) / 2
+    return low + (high - low) * (np.tanh(u) + 1) / 2
+
+
+def split_params(params: torch.Tensor, action_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat parameter layout of C, written once: params float (..., A * in_dim + A) -> W (..., A, in_dim)
+    (row-major), b (..., A).
+
+    Raises:
+        ValueError: a last dimension other than A * in_dim + A.
+    """
+    n = action_dim * (in_dim + 1)
+    if params.shape[-1] != n:
+        raise ValueError(f"controller expects {n} parameters, got {params.shape[-1]}")
+    w = params[..., : action_dim * in_dim].reshape(*params.shape[:-1], action_dim, in_dim)
+    return w, params[..., action_dim * in_dim :]
+
+
+def batched_actions(params: torch.Tensor, x: torch.Tensor, low, high) -> torch.Tensor:
+    """B linear controllers applied row by row: params float (B, A * in_dim + A), x float (B, in_dim) ->
+    actions float (B, A) in [low, high] (the population form of `LinearController`)."""
+    w, b = split_params(params, len(low), x.shape[1])
+    return squash_to_bounds(torch.bmm(w, x[:, :, None])[:, :, 0] + b, low, high)
+
+
+@dataclass
+class LinearControllerConfig:
+    """C's hyperparameters. Its input size and action bounds come from V, M and the env."""
+
+    inputs: str = param("z_h", "what C sees: z_h ([z, h], pixels only) | z_h_proprio (+ the joint angles; "
+                        "PandaReach) | z_h_proprio_goal (+ the goal position from the state: an upper bound, "
+                        "not from pixels)", choices=tuple(INFO_INPUTS))
 
 
 class LinearController:
     """a = squash(W x + b) with x = [z, h, info entries of INFO_INPUTS[inputs]] float32 (B, in_dim) -> a float32
     (B, A) in bounds.
 
+    Args:
+        config: LinearControllerConfig; in_dim: size of x; action_low, action_high: float (A,) bounds.
+
     Raises:
-        ValueError: `set_params` with a vector of the wrong size; a call whose inputs do not add up to in_dim;
-            an unknown `inputs`.
+        ValueError: an unknown `inputs`; `set_params` with a vector of the wrong size; a call whose inputs do
+            not add up to in_dim.
     """
 
-    kind = "controller"
+    kind = "linear"
+    config_class = LinearControllerConfig
 
-    def __init__(self, in_dim: int, action_low, action_high, inputs: str = "z_h"):
-        if inputs not in INFO_INPUTS:
-            raise ValueError(f"controller inputs must be one of {tuple(INFO_INPUTS)}, got {inputs!r}")
-        self.in_dim, self.inputs = int(in_dim), inputs
+    def __init__(self, config: LinearControllerConfig | None = None, in_dim: int = 1, action_low=(-1.0,),
+                 action_high=(1.0,)):
+        config = config or LinearControllerConfig()
+        if config.inputs not in INFO_INPUTS:
+            raise ValueError(f"controller inputs must be one of {tuple(INFO_INPUTS)}, got {config.inputs!r}")
+        self.config, self.in_dim, self.inputs = config, int(in_dim), config.inputs
         self.low = np.asarray(action_low, dtype=np.float32)
         self.high = np.asarray(action_high, dtype=np.float32)
         self.action_dim = len(self.low)
-        self.weight = torch.zeros(self.action_dim, self.in_dim)
-        self.bias = torch.zeros(self.action_dim)
+        self.params = torch.zeros(self.num_params)
 
     @classmethod
-    def for_world_model(cls, z_dim: int, hidden: int, action_low, action_high, inputs: str = "z_h",
+    def for_world_model(cls, config: LinearControllerConfig, z_dim: int, hidden: int, action_low, action_high,
                         info_dims: dict[str, int] | None = None) -> "LinearController":
         """The controller of a V with z_dim and an M with `hidden` units, plus the sizes `info_dims` of the env's
-        info entries that `inputs` names (utils.envs.info_input_dims).
+        info entries that config.inputs names (utils.envs.info_input_dims).
 
         Raises:
             ValueError: `inputs` names an entry the env does not give (e.g. proprio on CarRacing).
         """
         info_dims = info_dims or {}
-        missing = [key for key in INFO_INPUTS.get(inputs, ()) if key not in info_dims]
+        missing = [key for key in INFO_INPUTS.get(config.inputs, ()) if key not in info_dims]
         if missing:
-            raise ValueError(f"controller inputs {inputs} need info[{missing[0]!r}], which this env does not give")
-        extra = sum(info_dims[key] for key in INFO_INPUTS.get(inputs, ()))
-        return cls(z_dim + hidden + extra, action_low, action_high, inputs)
+            raise ValueError(f"controller inputs {config.inputs} need info[{missing[0]!r}], which this env does "
+                             "not give")
+        extra = sum(info_dims[key] for key in INFO_INPUTS.get(config.inputs, ()))
+        return cls(config, z_dim + hidden + extra, action_low, action_high)
+
+    def sizes(self) -> dict:
+        """The sizes V, M and the env fixed (stored beside the config in a checkpoint)."""
+        return {"in_dim": self.in_dim, "action_low": self.low.tolist(), "action_high": self.high.tolist()}
 
     @property
     def info_keys(self) -> tuple[str, ...]:
@@ -76,16 +133,23 @@ class LinearController:
     def num_params(self) -> int:
         return self.action_dim * (self.in_dim + 1)
 
-    def set_params(self, flat: np.ndarray) -> None:
-        flat = np.asarray(flat, dtype=np.float32).ravel()
-        if flat.size != self.num_params:
-            raise ValueError(f"controller expects {self.num_params} parameters, got {flat.size}")
-        w = flat[: self.action_dim * self.in_dim].reshape(self.action_dim, self.in_dim)
-        self.weight = torch.from_numpy(w.copy())
-        self.bias = torch.from_numpy(flat[self.action_dim * self.in_dim :].copy())
+    def set_params(self, flat) -> None:
+        """flat float (num_params,) (numpy or torch), laid out as `split_params` reads it."""
+        flat = torch.as_tensor(np.asarray(flat, dtype=np.float32).ravel())
+        split_params(flat, self.action_dim, self.in_dim)  # raises on a wrong size
+        self.params = flat.clone()
 
     def get_params(self) -> np.ndarray:
-        return np.concatenate([self.weight.numpy().ravel(), self.bias.numpy()]).astype(np.float32)
+        return self.params.numpy().copy()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"params": self.params.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.set_params(state["params"])
+
+    def eval(self) -> "LinearController":
+        return self
 
     def __call__(self, z: torch.Tensor, h: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, D), h (B, H) and, for inputs beyond z_h, extra (B, E) = `info_vector`, float32 -> action (B, A)."""
@@ -93,7 +157,5 @@ class LinearController:
         x = torch.cat(parts, dim=-1)  # (B, in_dim)
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"controller ({self.inputs}) takes {self.in_dim} inputs, got {x.shape[-1]}")
-        return squash_to_bounds(x @ self.weight.T + self.bias, self.low, self.high)
-
-    def hparams(self) -> dict:
-        return dict(in_dim=self.in_dim, action_low=self.low.tolist(), action_high=self.high.tolist(), inputs=self.inputs)
+        w, b = split_params(self.params, self.action_dim, self.in_dim)
+        return squash_to_bounds(x @ w.T + b, self.low, self.high)

@@ -15,17 +15,34 @@ M, C, GIFs and reconstruction metrics use.
   coefficients that make G depend linearly on R, and B on R and G. x is put on
   256 bins of [-1, 1]; the end bins take the tails. A discrete probability, so
   -log p >= 0 and nats / (D ln 2) is bits/dim of 8-bit images directly.
+
+V's pixel format, for every consumer (the agent, training, media): a frame is
+uint8 (H, W, 3) from the env; V takes float32 (B, 3, H, W) in [0, 1]
+(`frames_to_tensor`) and gives back the same (`to_uint8` returns frames).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 LIKELIHOODS = ("gaussian", "bernoulli", "logistic_mixture")
 _BINS = 255.0  # 256 levels of an 8-bit channel: bin half-width 1/255 on [-1, 1]
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) frames -> float32 (B, 3, H, W) in [0, 1], contiguous NCHW (channels-last
+    strides make the convolutions slow)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (B, 3, H, W) view
+    return x.contiguous().float().div_(255.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [0, 1] (clamped) -> uint8 (B, H, W, 3) frames."""
+    return (x.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def output_channels(likelihood: str, mixtures: int = 10) -> int:

@@ -16,11 +16,14 @@ cannot run off to large negative values or overflow.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.hparams import param
 
 LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (1, B, hidden)
 
@@ -63,42 +66,49 @@ def mdn_sample(params: MixtureParams, temperature: float = 1.0, generator=None) 
     return mu + sigma * noise
 
 
+@dataclass
+class MDNRNNConfig:
+    """M's hyperparameters. z_dim and action_dim are not among them: they come from the latents."""
+
+    hidden: int = param(256, "LSTM units (h, the part of C's input M gives)", minimum=1)
+    gaussians: int = param(5, "mixture components per latent dimension", minimum=1)
+    min_log_sigma: float = param(-5.0, "each component's sigma is bounded to [exp(min_log_sigma), "
+                                 "exp(max_log_sigma)]")
+    max_log_sigma: float = param(2.0, "upper bound of log sigma (see min_log_sigma)")
+
+
 class MDNRNN(nn.Module):
     """LSTM + mixture density head for z_{t+1}, plus reward and done heads.
 
     Args:
-        z_dim: latent size D; action_dim: A; hidden: LSTM units (256 in the
-        paper); gaussians: K mixture components per latent dimension (5).
+        config: MDNRNNConfig (hidden: LSTM units, 256 in the paper; gaussians: K mixture components per
+            latent dimension, 5).
+        z_dim: latent size D; action_dim: A.
+
+    Raises:
+        ValueError: min_log_sigma >= max_log_sigma.
     """
 
     kind = "mdnrnn"
+    config_class = MDNRNNConfig
 
-    def __init__(
-        self,
-        z_dim: int,
-        action_dim: int,
-        hidden: int = 256,
-        gaussians: int = 5,
-        min_log_sigma: float = -5.0,
-        max_log_sigma: float = 2.0,
-    ):
+    def __init__(self, config: MDNRNNConfig | None = None, z_dim: int = 32, action_dim: int = 3):
         super().__init__()
-        self.z_dim, self.action_dim, self.hidden, self.gaussians = z_dim, action_dim, hidden, gaussians
-        self.min_log_sigma, self.max_log_sigma = min_log_sigma, max_log_sigma
-        self.lstm = nn.LSTM(z_dim + action_dim, hidden, batch_first=True)
-        self.mdn_head = nn.Linear(hidden, 3 * z_dim * gaussians)
-        self.reward_head = nn.Linear(hidden, 1)
-        self.done_head = nn.Linear(hidden, 1)
+        config = config or MDNRNNConfig()
+        if not config.min_log_sigma < config.max_log_sigma:
+            raise ValueError(f"mdnrnn.min_log_sigma ({config.min_log_sigma}) must be below mdnrnn.max_log_sigma "
+                             f"({config.max_log_sigma})")
+        self.config, self.z_dim, self.action_dim = config, z_dim, action_dim
+        self.hidden, self.gaussians = config.hidden, config.gaussians
+        self.min_log_sigma, self.max_log_sigma = config.min_log_sigma, config.max_log_sigma
+        self.lstm = nn.LSTM(z_dim + action_dim, self.hidden, batch_first=True)
+        self.mdn_head = nn.Linear(self.hidden, 3 * z_dim * self.gaussians)
+        self.reward_head = nn.Linear(self.hidden, 1)
+        self.done_head = nn.Linear(self.hidden, 1)
 
-    def hparams(self) -> dict:
-        return dict(
-            z_dim=self.z_dim,
-            action_dim=self.action_dim,
-            hidden=self.hidden,
-            gaussians=self.gaussians,
-            min_log_sigma=self.min_log_sigma,
-            max_log_sigma=self.max_log_sigma,
-        )
+    def sizes(self) -> dict:
+        """The sizes the data fixed (stored beside the config in a checkpoint)."""
+        return {"z_dim": self.z_dim, "action_dim": self.action_dim}
 
     def _heads(self, h: torch.Tensor) -> tuple[MixtureParams, torch.Tensor, torch.Tensor]:
         out = self.mdn_head(h).view(*h.shape[:-1], self.z_dim, 3, self.gaussians)

@@ -52,13 +52,15 @@ and the top group fills first. kl_tolerance 0 gives NVAE's plain objective.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.hparams import param
 from models.likelihood import output_channels, pixel_mean, reconstruction_nll
-from models.vae import gaussian_kl
+from models.vae import VAEConfig, gaussian_kl
 
 BN_MOMENTUM = 0.05
 RESIDUAL_SCALE = 0.1
@@ -182,8 +184,39 @@ class AutoregressiveFlow(nn.Module):
         return z, log_det
 
 
+@dataclass
+class NVAEOptions:
+    """The NVAE's own hyperparameters (the YAML section `vision.nvae`)."""
+
+    channels: int = param(8, "channels at full resolution; doubled at every halving", minimum=1)
+    preprocess_blocks: int = param(2, "stride-2 encoder cells before the first latent scale (mirrored in the "
+                                   "decoder)", minimum=0)
+    latent_scales: int = param(3, "scales with latent groups; the top one is frame_size / 2^(preprocess_blocks "
+                               "+ latent_scales - 1)", minimum=1)
+    groups_per_scale: int = param(2, "latent groups per scale", minimum=1)
+    latent_channels: int = param(2, "channels of each latent group; z_dim = latent_channels * top_size^2",
+                                 minimum=1)
+    cells_per_group: int = param(1, "residual cells per group, in the encoder and in the decoder", minimum=1)
+    num_flows: int = param(0, "IAF steps in the posterior of every group below the top (thesis Table 4: 2)",
+                           minimum=0)
+    kl_warmup_fraction: float = param(0.3, "KL weight rises linearly from 1e-4 to 1 over this fraction of "
+                                      "updates", minimum=0, below=1)
+    kl_balance: bool = param(True, "balance the KL of the groups during warm-up (NVAE section 3.2)")
+    spectral_lambda: float = param(0.1, "weight of the spectral + BatchNorm regulariser", minimum=0)
+
+
+@dataclass
+class NVAEConfig(VAEConfig):
+    """V's shared hyperparameters (VAEConfig) plus the NVAE's own (`nvae`)."""
+
+    nvae: NVAEOptions = param(NVAEOptions(), "the NVAE's own hyperparameters (used when vision.kind is nvae)")
+
+
 class NVAE(nn.Module):
     """Hierarchical VAE for RGB frames float32 (B, 3, S, S) in [0, 1]; see the module docstring.
+
+    Args:
+        config: NVAEConfig; frame_size: S, pixels.
 
     Raises:
         ValueError: a frame_size that cannot be halved preprocess_blocks +
@@ -192,24 +225,15 @@ class NVAE(nn.Module):
     """
 
     kind = "nvae"
+    config_class = NVAEConfig
 
-    def __init__(
-        self,
-        z_dim: int = 32,
-        frame_size: int = 64,
-        channels: int = 8,
-        preprocess_blocks: int = 2,
-        latent_scales: int = 3,
-        groups_per_scale: int = 2,
-        latent_channels: int = 2,
-        cells_per_group: int = 1,
-        num_flows: int = 0,
-        likelihood: str = "gaussian",
-        obs_std: float = 0.7071,
-        kl_tolerance: float = 0.0,
-        mixtures: int = 10,
-    ):
+    def __init__(self, config: NVAEConfig | None = None, frame_size: int = 64):
         super().__init__()
+        config = config or NVAEConfig()
+        n = config.nvae
+        z_dim, channels, preprocess_blocks = config.z_dim, n.channels, n.preprocess_blocks
+        latent_scales, groups_per_scale, latent_channels = n.latent_scales, n.groups_per_scale, n.latent_channels
+        cells_per_group, num_flows = n.cells_per_group, n.num_flows
         halvings = preprocess_blocks + latent_scales - 1
         if frame_size % (2**halvings) or frame_size // (2**halvings) < 1:
             raise ValueError(
@@ -222,16 +246,11 @@ class NVAE(nn.Module):
                 f"vision.z_dim={z_dim} must equal latent_channels * top_size^2 = "
                 f"{latent_channels} * {top}^2 = {latent_channels * top * top}"
             )
-        self.hp = dict(
-            z_dim=z_dim, frame_size=frame_size, channels=channels, preprocess_blocks=preprocess_blocks,
-            latent_scales=latent_scales, groups_per_scale=groups_per_scale, latent_channels=latent_channels,
-            cells_per_group=cells_per_group, num_flows=num_flows,
-            likelihood=likelihood, obs_std=obs_std, kl_tolerance=kl_tolerance, mixtures=mixtures,
-        )
-        out_channels = output_channels(likelihood, mixtures)
+        self.config = config
+        out_channels = output_channels(config.likelihood, config.mixtures)
         self.z_dim, self.frame_size, self.top_size = z_dim, frame_size, top
-        self.latent_channels, self.likelihood, self.obs_std = latent_channels, likelihood, obs_std
-        self.top_kl_floor = kl_tolerance * z_dim  # free nats of the top group (the flat z)
+        self.latent_channels, self.likelihood, self.obs_std = latent_channels, config.likelihood, config.obs_std
+        self.top_kl_floor = config.kl_tolerance * z_dim  # free nats of the top group (the flat z)
         ch = [channels * 2**i for i in range(halvings + 1)]  # channels at each resolution level
         scale_ch = ch[preprocess_blocks:]  # finest latent scale first
         self.n_groups = latent_scales * groups_per_scale
@@ -280,8 +299,9 @@ class NVAE(nn.Module):
         )
         self._spectral_u: dict[str, torch.Tensor] = {}
 
-    def hparams(self) -> dict:
-        return dict(self.hp)
+    def sizes(self) -> dict:
+        """The sizes the data fixed (stored beside the config in a checkpoint)."""
+        return {"frame_size": self.frame_size}
 
     # ------------------------------------------------------------------ encoder
     def _encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -401,6 +421,18 @@ class NVAE(nn.Module):
             **{f"kl_group{k}": kl_groups[:, k].mean() for k in range(self.n_groups)},
         }
 
+    def objective(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        """The training loss of one batch at `progress` in [0, 1] of training: `loss` with KL warm-up and
+        balancing (config.nvae) plus spectral_lambda times the regulariser (`reg`), beside `loss`'s terms
+        and the warm-up's `kl_coeff`."""
+        n = self.config.nvae
+        kl_coeff = kl_warmup_coeff(progress, n.kl_warmup_fraction)
+        terms = self.loss(x, kl_coeff=kl_coeff, kl_balance=n.kl_balance)
+        terms["reg"] = self.regularization()
+        terms["loss"] = terms["loss"] + n.spectral_lambda * terms["reg"]
+        terms["kl_coeff"] = torch.tensor(kl_coeff)
+        return terms
+
     # ------------------------------------------------------------------ regularisation
     def spectral_norms(self, power_iterations: int = 1) -> torch.Tensor:
         """Largest singular value of every conv weight (reshaped to out x in*k*k), by power iteration.
@@ -467,4 +499,4 @@ def kl_warmup_coeff(progress: float, warmup_fraction: float, minimum: float = 1e
     return max(minimum, min(1.0, progress / warmup_fraction))
 
 
-__all__ = ["NVAE", "AutoregressiveFlow", "residual_normal_kl", "free_nats_top", "kl_balance_term", "kl_warmup_coeff", "gaussian_kl"]
+__all__ = ["NVAE", "NVAEConfig", "NVAEOptions", "AutoregressiveFlow", "residual_normal_kl", "free_nats_top", "kl_balance_term", "kl_warmup_coeff", "gaussian_kl"]

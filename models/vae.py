@@ -14,10 +14,13 @@ Ha & Schmidhuber's KL tolerance: the KL term is max(KL, kl_tolerance * z_dim)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from models.likelihood import output_channels, pixel_mean, reconstruction_nll
+from models.hparams import param
+from models.likelihood import LIKELIHOODS, output_channels, pixel_mean, reconstruction_nll
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -29,35 +32,48 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=-1)
 
 
+@dataclass
+class VAEConfig:
+    """V's hyperparameters shared by both kinds (the NVAE's config extends this one).
+
+    The frame size is not among them: it comes from the data (env.frame_size) and is stored
+    beside the config in a checkpoint.
+    """
+
+    z_dim: int = param(32, "size of the flat latent z that M and C see", minimum=1)
+    likelihood: str = param("gaussian", "p(x|z): gaussian (fixed obs_std) | bernoulli | logistic_mixture "
+                            "(discretized, PixelCNN++)", choices=LIKELIHOODS)
+    mixtures: int = param(10, "components of the logistic_mixture likelihood", minimum=1)
+    obs_std: float = param(0.7071, "std of the gaussian likelihood; sqrt(1/2) makes -log p the summed "
+                           "squared error + const", above=0)
+    kl_tolerance: float = param(0.5, "free nats per dim of z (Ha & Schmidhuber; the NVAE's top group); "
+                                "0: plain ELBO", minimum=0)
+
+
 class ConvVAE(nn.Module):
     """The World Models conv VAE for 64x64 RGB frames.
 
     Args:
-        z_dim: latent size (32 for CarRacing in the paper).
-        likelihood, obs_std, kl_tolerance: see the module docstring.
+        config: VAEConfig (z_dim 32 for CarRacing in the paper; likelihood, obs_std, kl_tolerance: see the
+            module docstring).
+        frame_size: side of the square input frames, pixels.
 
     Raises:
-        ValueError: `frame_size` other than 64 (the architecture is fixed to it).
+        ValueError: `frame_size` other than 64 (the architecture is fixed to it), or an unknown likelihood.
     """
 
     kind = "vae"
+    config_class = VAEConfig
 
-    def __init__(
-        self,
-        z_dim: int = 32,
-        frame_size: int = 64,
-        likelihood: str = "gaussian",
-        obs_std: float = 0.7071,
-        kl_tolerance: float = 0.5,
-        mixtures: int = 10,
-    ):
+    def __init__(self, config: VAEConfig | None = None, frame_size: int = 64):
         super().__init__()
+        config = config or VAEConfig()
         if frame_size != 64:
             raise ValueError(f"the conv VAE takes 64x64 frames, got env.frame_size={frame_size}")
-        self.z_dim, self.frame_size = z_dim, frame_size
-        self.likelihood, self.obs_std, self.kl_tolerance = likelihood, obs_std, kl_tolerance
-        self.mixtures = mixtures
-        out_channels = output_channels(likelihood, mixtures)
+        self.config, self.frame_size = config, frame_size
+        self.z_dim, self.likelihood, self.obs_std = config.z_dim, config.likelihood, config.obs_std
+        z_dim = config.z_dim
+        out_channels = output_channels(config.likelihood, config.mixtures)
         self.encoder = nn.Sequential(
             nn.Conv2d(3, 32, 4, stride=2), nn.ReLU(),  # (B, 32, 31, 31)
             nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),  # (B, 64, 14, 14)
@@ -75,16 +91,9 @@ class ConvVAE(nn.Module):
             nn.ConvTranspose2d(32, out_channels, 6, stride=2),  # (B, C, 64, 64): the likelihood's params
         )
 
-    def hparams(self) -> dict:
-        """Constructor arguments; a checkpoint stores them to rebuild the model."""
-        return dict(
-            z_dim=self.z_dim,
-            frame_size=self.frame_size,
-            likelihood=self.likelihood,
-            obs_std=self.obs_std,
-            kl_tolerance=self.kl_tolerance,
-            mixtures=self.mixtures,
-        )
+    def sizes(self) -> dict:
+        """The sizes the data fixed (stored beside the config in a checkpoint)."""
+        return {"frame_size": self.frame_size}
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x float32 (B, 3, 64, 64) in [0, 1] -> mu, logvar float32 (B, z_dim) of q(z|x)."""
@@ -120,13 +129,18 @@ class ConvVAE(nn.Module):
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         recon = reconstruction_nll(x, self._decoder_params(z), self.likelihood, self.obs_std).mean()
         kl = gaussian_kl(mu, logvar).mean()
-        kl_floor = self.kl_tolerance * self.z_dim
+        kl_floor = self.config.kl_tolerance * self.z_dim
         return {
             "loss": recon + torch.clamp(kl, min=kl_floor),
             "recon": recon,
             "kl": kl,
             "neg_elbo": recon + kl,
         }
+
+    def objective(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        """The training loss of one batch: `loss` itself (the conv VAE has no schedule; `progress` in
+        [0, 1] is accepted so that both V kinds train through one call)."""
+        return self.loss(x)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

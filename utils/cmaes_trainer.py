@@ -15,31 +15,41 @@ re-evaluated on fixed held-out tracks of the real env (in the dream too: that
 is the transfer measurement); the mean with the best held-out score is kept as
 `best`.
 
-Files in the stage folder: cmaes_state.pkl (the whole run: CMA-ES object,
-history, best; rewritten atomically every generation so a killed run resumes
-where it stopped), history.csv (one row per generation), controller.pt
-(the checkpoint 06 reads), learning_curve.png.
+Files in the stage folder: cmaes_state.npz (rewritten atomically every
+generation so a killed run resumes where it stopped), history.csv (one row
+per generation), controller.pt (the checkpoint 06 reads), learning_curve.png.
+
+The resume state is data only (arrays and a JSON string, read with
+allow_pickle=False): the fitness values told to CMA-ES each generation, the
+run's history and best parameters. `ResumableCMAES` restores the search by
+replaying those generations through a fresh `cma.CMAEvolutionStrategy` with
+the same seed (ask is deterministic for a seed, tell gets the stored
+fitness), and checks the replayed mean and step size against the stored
+ones, so a resumed run produces exactly the next generation an uninterrupted
+run would.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
-import pickle
 import time
+import zipfile
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from models.controller import LinearController
+from models.dream import dream_returns
+from utils.checkpoints import save_model
 from utils.config import Config, config_to_dict
-from utils.dream import dream_returns
+from utils.episodes import agent_task, expected_episode_s, init_agent_worker
 from utils.errors import UserError
-from utils.io import atomic_path, file_sha256, save_text, save_torch
+from utils.io import atomic_path, file_sha256, save_npz, save_text
 from utils.parallel import WorkerPool
-from utils.rollout import agent_task, init_agent_worker
 from utils.seeding import env_seed
 
 HISTORY_FIELDS = [
@@ -57,12 +67,6 @@ def generation_seeds(cfg: Config, generation: int) -> list[int]:
     """The tracks every candidate of `generation` (0-based) plays: new ones each generation."""
     r = cfg.controller.rollouts_per_candidate
     return [env_seed(cfg.seed, "controller_train", generation * r + j) for j in range(r)]
-
-
-def _save_state(path: str, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            pickle.dump(state, f)
 
 
 def _write_history(path: str, history: list[dict]) -> None:
@@ -109,57 +113,157 @@ def plot_learning_curve(history: list[dict], path: str, title: str, where: str =
     plt.close(fig)
 
 
+class ResumableCMAES:
+    """cma's CMAEvolutionStrategy (minimising) with a data-only state that restores the search exactly.
+
+    Args:
+        num_params: n, the size of a candidate; sigma0: initial step size (> 0); popsize: >= 2; seed: cma's
+            seed (it seeds numpy's global generator, which cma's ask draws from).
+    """
+
+    def __init__(self, num_params: int, sigma0: float, popsize: int, seed: int):
+        import cma
+
+        self.num_params, self.sigma0, self.popsize, self.seed = num_params, sigma0, popsize, seed
+        self.es = cma.CMAEvolutionStrategy(np.zeros(num_params), sigma0,
+                                           {"popsize": popsize, "seed": seed, "verbose": -9})
+        self.told: list[list[float]] = []  # the values told, one list per generation
+
+    def ask(self) -> list[np.ndarray]:
+        """popsize candidates float64 (num_params,)."""
+        return self.es.ask()
+
+    def tell(self, candidates: list[np.ndarray], values: list[float]) -> None:
+        """The values (lower is better) of the candidates of the last `ask`."""
+        self.es.tell(candidates, values)
+        self.told.append([float(v) for v in values])
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.es.mean, dtype=np.float64)
+
+    @property
+    def sigma(self) -> float:
+        return float(self.es.sigma)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The data-only state: told float64 (G, popsize), the mean float64 (n,) and sigma after them."""
+        told = np.asarray(self.told, dtype=np.float64).reshape(len(self.told), self.popsize)
+        return {"told": told, "mean": self.mean, "sigma": np.float64(self.sigma)}
+
+    @classmethod
+    def restore(cls, num_params: int, sigma0: float, popsize: int, seed: int, arrays: dict) -> "ResumableCMAES":
+        """Replay the generations of `arrays` (from `arrays()`); the global numpy generator ends where the
+        original run left it.
+
+        Raises:
+            ValueError: the replay does not reach the stored mean and sigma (another cma version, or a state
+                that was edited).
+        """
+        search = cls(num_params, sigma0, popsize, seed)
+        for values in np.asarray(arrays["told"], dtype=np.float64):
+            search.tell(search.ask(), values.tolist())
+        if not (np.array_equal(search.mean, arrays["mean"]) and search.sigma == float(arrays["sigma"])):
+            raise ValueError("replaying the stored generations does not reproduce the stored CMA-ES mean and step "
+                             "size (another cma version, or an edited file)")
+        return search
+
+
+STATE_ARRAYS = ("told", "mean", "sigma", "best_params", "meta")
+
+
+def save_search_state(path: str, search: ResumableCMAES, meta: dict, best_params: np.ndarray | None) -> None:
+    """Write the resume state atomically: the search's arrays, the best parameters and `meta` (plain JSON)."""
+    best = np.zeros(0, np.float32) if best_params is None else np.asarray(best_params, np.float32)
+    save_npz(path, **search.arrays(), best_params=best, meta=np.str_(json.dumps(meta)))
+
+
+def load_search_state(path: str) -> tuple[dict, dict]:
+    """(arrays, meta) of a state written by `save_search_state`, read without unpickling anything.
+
+    Raises:
+        UserError: unreadable, not an npz of those arrays, or holding objects (pickled data is refused).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in STATE_ARRAYS if k not in data.files]
+            if missing:
+                raise UserError(f"{path}: not a CMA-ES state of this project (missing {missing}); pass --overwrite "
+                                "to start over")
+            arrays = {k: data[k] for k in STATE_ARRAYS}
+        meta = json.loads(str(arrays.pop("meta")))
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        why = "it holds pickled objects, which are never loaded" if "pickle" in str(exc) else type(exc).__name__
+        raise UserError(f"{path}: refused, not a readable CMA-ES state ({why}); pass --overwrite to start over") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not a CMA-ES state of this project; pass --overwrite to start over")
+    return arrays, meta
+
+
 class ControllerTrainer:
     """Runs (or resumes) CMA-ES for `cfg.controller.generations` generations.
 
     With controller.env=dream, `dream` = (M, start z float32 (N, z_dim)) is required.
     """
 
-    def __init__(self, cfg: Config, vision_path: str, mdnrnn_path: str, in_dim: int, action_low, action_high,
-                 out_dir: str, dream: tuple | None = None, inputs: str = "z_h"):
+    def __init__(self, cfg: Config, vision_path: str, mdnrnn_path: str, controller: LinearController,
+                 out_dir: str, dream: tuple | None = None):
         self.cfg, self.out_dir = cfg, out_dir
         if cfg.controller.env == "dream" and dream is None:
             raise ValueError("controller.env=dream needs M and the start latents")
         self.dream = dream
         self.paths = {"vision": os.path.abspath(vision_path), "mdnrnn": os.path.abspath(mdnrnn_path)}
         self.input_sha256 = {k: file_sha256(p) for k, p in self.paths.items()}
-        self.controller = LinearController(in_dim, action_low, action_high, inputs)
-        self.state_path = os.path.join(out_dir, "cmaes_state.pkl")
+        self.controller = controller
+        self.state_path = os.path.join(out_dir, "cmaes_state.npz")
+
+    def _search(self, arrays: dict | None = None) -> ResumableCMAES:
+        cc = self.cfg.controller
+        args = (self.controller.num_params, cc.sigma0, cc.popsize, self.cfg.seed + 1)
+        return ResumableCMAES(*args) if arrays is None else ResumableCMAES.restore(*args, arrays)
 
     def _new_state(self) -> dict:
-        import cma
-
-        cc = self.cfg.controller
-        es = cma.CMAEvolutionStrategy(
-            np.zeros(self.controller.num_params),
-            cc.sigma0,
-            {"popsize": cc.popsize, "seed": self.cfg.seed + 1, "verbose": -9},
-        )
-        return {"es": es, "generation": 0, "history": [], "best": None, "np_random": np.random.get_state(),
-                "num_params": self.controller.num_params, "inputs": self.paths, "env": self.cfg.controller.env,
-                "input_sha256": self.input_sha256}
+        return {"search": self._search(), "generation": 0, "history": [], "best": None, "elapsed_s": 0.0}
 
     def load_or_create(self, overwrite: bool) -> dict:
+        """The run so far (resumed from cmaes_state.npz) or a new one.
+
+        Raises:
+            UserError: a state that cannot be read, or one saved for other inputs or settings.
+        """
         if overwrite or not os.path.exists(self.state_path):
             return self._new_state()
-        try:
-            with open(self.state_path, "rb") as f:
-                state = pickle.load(f)
-        except Exception as exc:  # noqa: BLE001 - any unreadable pickle
-            raise UserError(f"{self.state_path}: unreadable CMA-ES state ({type(exc).__name__}); "
-                            "pass --overwrite to start over") from None
-        if state.get("num_params") != self.controller.num_params:
-            raise UserError(f"{self.state_path}: saved for {state.get('num_params')} controller parameters, "
-                            f"V and M give {self.controller.num_params}; pass --overwrite to start over")
-        if state.get("env", "real") != self.cfg.controller.env:
-            raise UserError(f"{self.state_path}: a run with controller.env={state.get('env', 'real')}, not "
-                            f"{self.cfg.controller.env}; pass --overwrite to start over")
-        if state.get("input_sha256", self.input_sha256) != self.input_sha256:
-            changed = [k for k in self.input_sha256 if state["input_sha256"].get(k) != self.input_sha256[k]]
+        arrays, meta = load_search_state(self.state_path)
+        cc = self.cfg.controller
+        expected = {"num_params": self.controller.num_params, "env": cc.env, "popsize": cc.popsize,
+                    "sigma0": cc.sigma0, "seed": self.cfg.seed}
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise UserError(f"{self.state_path}: saved with {key}={meta.get(key)}, this run has {value}; "
+                                "pass --overwrite to start over")
+        if meta.get("input_sha256") != self.input_sha256:
+            changed = [k for k in self.input_sha256 if (meta.get("input_sha256") or {}).get(k) != self.input_sha256[k]]
             raise UserError(f"{self.state_path}: saved for another {' and '.join(changed)} checkpoint "
                             f"({', '.join(self.paths[k] for k in changed)} changed since); pass --overwrite to start over")
-        np.random.set_state(state["np_random"])
-        return state
+        try:
+            search = self._search(arrays)
+        except ValueError as exc:
+            raise UserError(f"{self.state_path}: {exc}; pass --overwrite to start over") from None
+        best = meta["best"]
+        if best is not None:
+            best = {**best, "params": arrays["best_params"]}
+        return {"search": search, "generation": meta["generation"], "history": meta["history"], "best": best,
+                "elapsed_s": meta["elapsed_s"]}
+
+    def _save_state(self, state: dict) -> None:
+        cc, best = self.cfg.controller, state["best"]
+        meta = {"num_params": self.controller.num_params, "env": cc.env, "popsize": cc.popsize, "sigma0": cc.sigma0,
+                "seed": self.cfg.seed, "input_sha256": self.input_sha256, "inputs": self.paths,
+                "generation": state["generation"], "history": state["history"], "elapsed_s": state["elapsed_s"],
+                "best": None if best is None else {k: v for k, v in best.items() if k != "params"}}
+        save_search_state(self.state_path, state["search"], meta, None if best is None else best["params"])
 
     def _evaluate(self, pool: WorkerPool, params_list, seeds, train: bool, progress: str) -> np.ndarray:
         cc = self.cfg.controller
@@ -200,47 +304,51 @@ class ControllerTrainer:
     def run(self, overwrite: bool = False) -> dict:
         cfg, cc = self.cfg, self.cfg.controller
         state = self.load_or_create(overwrite)
-        es = state["es"]
+        search: ResumableCMAES = state["search"]
         budget_s = 60 * cc.max_wall_minutes
         if state["history"]:  # a run killed between its state and its checkpoint leaves them out of step
             _write_history(os.path.join(self.out_dir, "history.csv"), state["history"])
             self._save_checkpoint(state)
-        if budget_s and state.get("elapsed_s", 0.0) >= budget_s:
+        if budget_s and state["elapsed_s"] >= budget_s:
             tqdm.write(f"[05] controller.max_wall_minutes={cc.max_wall_minutes} already used by this run "
                        f"({state['elapsed_s'] / 60:.1f} min over {state['generation']} generations); nothing to do")
         elif state["generation"] >= cc.generations:
             tqdm.write(f"[05] all {cc.generations} generations done; nothing to do")
         elif state["generation"]:
             tqdm.write(f"[05] resuming at generation {state['generation'] + 1}/{cc.generations} from {self.state_path}")
-        init_args = (self.paths["vision"], self.paths["mdnrnn"], cfg.env, 1, self.controller.inputs)
-        with WorkerPool(cc.workers, init_agent_worker, init_args, agent_task, cc.worker_timeout_s, cc.max_retries) as pool:
+        init_args = (self.paths["vision"], self.paths["mdnrnn"], cfg.env, self.controller.config)
+        episode_steps = cfg.env.max_episode_steps  # the held-out re-evaluations play full episodes
+        with WorkerPool(cc.workers, init_agent_worker, init_args, agent_task, cc.worker_timeout_s, cc.max_retries,
+                        first_timeout_s=expected_episode_s(cfg.env), task_steps=episode_steps) as pool:
             bar = tqdm(total=cc.generations, initial=state["generation"], desc="05 CMA-ES", unit="gen", disable=None)
-            while state["generation"] < cc.generations and not (budget_s and state.get("elapsed_s", 0.0) >= budget_s):
+            while state["generation"] < cc.generations and not (budget_s and state["elapsed_s"] >= budget_s):
                 g = state["generation"]
                 start = time.perf_counter()
-                candidates = es.ask()
+                candidates = search.ask()
                 fitness, counts = self._training_fitness(pool, candidates, g)
-                es.tell(candidates, (-fitness).tolist())
+                if not np.isfinite(fitness).all():
+                    raise UserError(f"{self.state_path}: generation {g + 1} gave non-finite returns ({fitness.tolist()}); "
+                                    "nothing of it was saved (is M diverged?)")
+                search.tell(candidates, (-fitness).tolist())
                 row = {
                     "generation": g + 1, "best": float(fitness.max()), "mean": float(fitness.mean()),
-                    "std": float(fitness.std()), "worst": float(fitness.min()), "sigma": float(es.sigma), **counts,
+                    "std": float(fitness.std()), "worst": float(fitness.min()), "sigma": search.sigma, **counts,
                 }
-                elapsed = state.get("elapsed_s", 0.0) + time.perf_counter() - start
+                elapsed = state["elapsed_s"] + time.perf_counter() - start
                 out_of_time = budget_s > 0 and elapsed >= budget_s
                 if (g + 1) % cc.eval_every == 0 or g + 1 == cc.generations or out_of_time:
-                    mean_params = np.asarray(es.mean, dtype=np.float32)
+                    mean_params = search.mean.astype(np.float32)
                     held = np.array([r["return"] for r in self._evaluate(pool, [mean_params], heldout_seeds(cfg), False, "held-out")])
                     row.update(heldout_mean=float(held.mean()), heldout_std=float(held.std()))
                     if state["best"] is None or held.mean() > state["best"]["heldout_mean"]:
                         state["best"] = {"params": mean_params, "generation": g + 1,
                                          "heldout_mean": float(held.mean()), "heldout_std": float(held.std())}
                 row["seconds"] = round(time.perf_counter() - start, 2)
-                state["elapsed_s"] = state.get("elapsed_s", 0.0) + row["seconds"]
+                state["elapsed_s"] = state["elapsed_s"] + row["seconds"]
                 row["worker_restarts"] = pool.restarts
                 state["history"].append(row)
                 state["generation"] = g + 1
-                state["np_random"] = np.random.get_state()
-                _save_state(self.state_path, state)
+                self._save_state(state)
                 _write_history(os.path.join(self.out_dir, "history.csv"), state["history"])
                 self._save_checkpoint(state)
                 held_txt = f" held-out {row['heldout_mean']:.1f} +- {row['heldout_std']:.1f}" if "heldout_mean" in row else ""
@@ -263,18 +371,14 @@ class ControllerTrainer:
         return state
 
     def _save_checkpoint(self, state: dict) -> None:
+        """controller.pt: C with the best held-out parameters (the CMA-ES mean until a re-evaluation), the
+        final mean beside them, and where they came from."""
         best = state["best"]
-        mean_params = np.asarray(state["es"].mean, dtype=np.float32)
-        save_torch(
-            os.path.join(self.out_dir, "controller.pt"),
-            {
-                "kind": "controller",
-                "hparams": self.controller.hparams(),
-                "params_best": best["params"] if best else mean_params,
-                "params_mean": mean_params,
-                "best": {k: v for k, v in best.items() if k != "params"} if best else None,
-                "generation": state["generation"],
-                "inputs": self.paths,
-                "config": config_to_dict(self.cfg),
-            },
+        mean_params = state["search"].mean.astype(np.float32)
+        self.controller.set_params(best["params"] if best else mean_params)
+        save_model(
+            os.path.join(self.out_dir, "controller.pt"), self.controller,
+            params_mean=torch.from_numpy(mean_params),
+            best={k: v for k, v in best.items() if k != "params"} if best else None,
+            generation=state["generation"], inputs=self.paths, run_config=config_to_dict(self.cfg),
         )

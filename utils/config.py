@@ -1,13 +1,23 @@
-"""Typed experiment config: one YAML file per experiment, dotted overrides, strict keys.
+"""Typed experiment config: YAML blocks composed left to right, dotted overrides, strict keys.
 
-A config file holds `run_dir`, `seed` and one section per stage. Every key is a
-field of the dataclasses below; an unknown or misspelled key, or a value of the
-wrong type, raises `UserError` naming the file and the dotted key.
+A config holds `run_dir`, `seed` and one section per stage. A file may name other
+files under `base:` (a path or a list, relative to the file); those are read
+first and the file's own keys override them, as does every further `--config`
+file, left to right, then every `--set section.key=value`:
 
-    cfg = load_config("configs/smoke.yaml", ["vision.z_dim=16", "seed=3"])
-    cfg.vision.z_dim  # 16
+    cfg = load_config(["configs/carracing_vae.yaml", "configs/blocks/dream.yaml"], ["vision.z_dim=16"])
 
-The field comments are the documentation of each key.
+Every key is a field of the dataclasses below. The models' hyperparameters are
+the fields of their own config dataclasses in models/ (VAEConfig, NVAEConfig,
+MDNRNNConfig, LinearControllerConfig), which the sections extend with training
+keys, so each is listed once. Each field carries its meaning, its allowed
+values (for kinds: the registries in models/) and its bounds
+(models.hparams.param); `config_help()` lists them all (`--help-config` of
+every stage). An unknown or misspelled key, a value of the wrong type, outside
+its choices or bounds, or not finite raises `UserError` naming the file and
+the dotted key.
+
+`workers` always counts processes; `threads` counts torch threads of one process.
 """
 
 from __future__ import annotations
@@ -15,175 +25,158 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from models import VISION_KINDS
+from models.controller import LinearControllerConfig
+from models.hparams import check_value, config_subset, param
+from models.mdnrnn import MDNRNNConfig
+from models.nvae import NVAEConfig
 from utils.errors import UserError
 
 
 @dataclass
 class EnvConfig:
-    id: str = "CarRacing-v3"  # gymnasium id of the real environment
-    frame_size: int = 64  # V's input is frame_size x frame_size RGB
-    crop_dashboard: bool = False  # drop CarRacing's bottom 12 dashboard rows before resizing
-    max_episode_steps: int = 1000  # time limit of one episode (env steps)
-    # PandaReach only (panda-gym): the frame is env.render() from this camera, render_size x render_size RGB,
-    # then resized to frame_size. The defaults show the goal marker on 1-17 px at 84x84 (docs/notes/panda_gym.md).
-    render_size: int = 84  # env.render() width and height in pixels (the thesis: 84)
-    camera_distance: float = 0.9  # metres from the camera target
-    camera_yaw: float = 45.0  # degrees
-    camera_pitch: float = -40.0  # degrees
-    camera_target_x: float = -0.1  # camera target (m), in the robot base frame
-    camera_target_y: float = 0.0
-    camera_target_z: float = 0.1
+    id: str = param("CarRacing-v3", "gymnasium id of the real environment (PandaReach*: panda-gym)")
+    frame_size: int = param(64, "V's input: frames are resized to frame_size x frame_size RGB", minimum=1)
+    crop_dashboard: bool = param(False, "drop CarRacing's bottom 12 dashboard rows before resizing")
+    max_episode_steps: int = param(1000, "time limit of one episode (env steps)", minimum=1)
+    render_size: int = param(84, "PandaReach: env.render() width and height in pixels (the thesis: 84)", minimum=1)
+    camera_distance: float = param(0.9, "PandaReach camera: metres from the camera target", above=0)
+    camera_yaw: float = param(45.0, "PandaReach camera yaw, degrees")
+    camera_pitch: float = param(-40.0, "PandaReach camera pitch, degrees")
+    camera_target_x: float = param(-0.1, "PandaReach camera target x (m), in the robot base frame")
+    camera_target_y: float = param(0.0, "PandaReach camera target y (m)")
+    camera_target_z: float = param(0.1, "PandaReach camera target z (m)")
+
+
+ROLLOUT_POLICIES = ("brownian", "uniform", "controller")
 
 
 @dataclass
 class RolloutsConfig:
-    episodes: int = 1000  # episodes to record for V and M (indices already on disk are skipped)
-    policy: str = "brownian"  # brownian (ctallec/world-models) | uniform | controller (a trained C, below)
-    brownian_dt: float = 0.02  # step of the brownian action walk: a += sqrt(dt) * N(0, 1)
-    controller: str = ""  # policy=controller: controller.pt of a trained run (plays with the V and M it was trained with)
-    action_noise: float = 0.1  # policy=controller: std of the Gaussian noise added to C's action (then clipped)
-    max_steps: int = 0  # cap on steps per recorded episode (0: env.max_episode_steps)
-    workers: int = 2  # parallel worker processes
+    episodes: int = param(1000, "episodes to record for V and M (indices already on disk are skipped)", minimum=1)
+    policy: str = param("brownian", "brownian (ctallec/world-models) | uniform | controller (a trained C, "
+                        "rollouts.controller)", choices=ROLLOUT_POLICIES)
+    brownian_dt: float = param(0.02, "step of the brownian action walk: a += sqrt(dt) * N(0, 1)", above=0)
+    controller: str = param("", "policy=controller: controller.pt of a trained run (plays with the V and M it "
+                            "was trained with)")
+    action_noise: float = param(0.1, "policy=controller: std of the Gaussian noise added to C's action (then "
+                                "clipped)", minimum=0)
+    max_steps: int = param(0, "cap on steps per recorded episode (0: env.max_episode_steps)", minimum=0)
+    workers: int = param(2, "worker processes, each with its own env", minimum=1)
 
 
 @dataclass
-class NVAEConfig:
-    channels: int = 8  # channels at full resolution; doubled at every halving
-    preprocess_blocks: int = 2  # stride-2 encoder cells before the first latent scale (mirrored in the decoder)
-    latent_scales: int = 3  # scales with latent groups; the top one is frame_size / 2^(preprocess_blocks + latent_scales - 1)
-    groups_per_scale: int = 2
-    latent_channels: int = 2  # channels of each latent group; z_dim = latent_channels * top_size^2
-    cells_per_group: int = 1  # residual cells per group, in the encoder and in the decoder
-    num_flows: int = 0  # IAF steps in the posterior of every group below the top (thesis Table 4: 2)
-    kl_warmup_fraction: float = 0.3  # KL weight rises linearly from 1e-4 to 1 over this fraction of updates
-    kl_balance: bool = True  # balance the KL of the groups during warm-up
-    spectral_lambda: float = 0.1  # weight of the spectral + BatchNorm regulariser
+class VisionConfig(NVAEConfig):
+    """V: its hyperparameters (models/vae.py VAEConfig, models/nvae.py NVAEConfig) plus stage 02's training keys."""
 
+    kind: str = param("vae", "vae (Ha & Schmidhuber conv VAE) | nvae (Vahdat & Kautz hierarchical VAE)",
+                      choices=tuple(VISION_KINDS))
+    epochs: int = param(10, "passes over the training frames", minimum=1)
+    batch_size: int = param(64, "frames per update", minimum=1)
+    lr: float = param(1.0e-3, "Adam learning rate", above=0)
+    grad_clip: float = param(100.0, "max global gradient norm", above=0)
+    holdout_fraction: float = param(0.1, "fraction of episodes held out (split by episode, sorted then seeded)",
+                                    minimum=0, below=1)
+    val_frames: int = param(2048, "held-out frames used for the per-epoch validation ELBO", minimum=1)
+    chunk_episodes: int = param(32, "episodes held in memory at once while shuffling frames", minimum=1)
+    threads: int = param(2, "torch threads of stages 02 and 03", minimum=1)
+    device: str = param("cpu", "where stages 02 and 03 run V: cpu | cuda | auto (cuda when available)",
+                        choices=("cpu", "cuda", "auto"))
 
-@dataclass
-class VisionConfig:
-    kind: str = "vae"  # vae (Ha & Schmidhuber conv VAE) | nvae (Vahdat & Kautz hierarchical VAE)
-    z_dim: int = 32  # size of the flat latent z that M and C see
-    likelihood: str = "gaussian"  # gaussian (fixed obs_std) | bernoulli | logistic_mixture (discretized, PixelCNN++)
-    mixtures: int = 10  # components of the logistic_mixture likelihood
-    obs_std: float = 0.7071  # std of the gaussian likelihood; sqrt(1/2) makes -log p = sum sq. error + const
-    kl_tolerance: float = 0.5  # free nats per dim of z (Ha & Schmidhuber; the NVAE's top group); 0: plain ELBO
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1.0e-3
-    grad_clip: float = 100.0  # max global grad norm
-    holdout_fraction: float = 0.1  # fraction of episodes held out (split by episode, sorted then seeded)
-    val_frames: int = 2048  # held-out frames used for the per-epoch validation ELBO
-    chunk_episodes: int = 32  # episodes held in memory at once while shuffling frames
-    workers: int = 2  # torch threads
-    device: str = "cpu"  # where stages 02 and 03 run V: cpu | cuda | auto (cuda when available)
-    nvae: NVAEConfig = field(default_factory=NVAEConfig)  # used when kind is nvae
+    def model_config(self):
+        """The config dataclass of V's kind (VAEConfig or NVAEConfig), read from this section."""
+        return config_subset(VISION_KINDS[self.kind].config_class, self)
 
 
 @dataclass
 class LatentsConfig:
-    batch_size: int = 500  # frames encoded per forward pass
+    batch_size: int = param(500, "frames encoded per forward pass", minimum=1)
 
 
 @dataclass
-class MDNRNNConfig:
-    hidden: int = 256  # LSTM units
-    gaussians: int = 5  # mixture components per latent dimension
-    seq_len: int = 32  # training subsequence length
-    batch_size: int = 32
-    epochs: int = 20
-    lr: float = 1.0e-3
-    grad_clip: float = 1.0
-    min_log_sigma: float = -5.0  # sigma of each mixture component is bounded to
-    max_log_sigma: float = 2.0  # [exp(min_log_sigma), exp(max_log_sigma)]
-    reward_weight: float = 1.0  # weight of the reward MSE in the loss
-    done_weight: float = 1.0  # weight of the done BCE in the loss
-    holdout_fraction: float = 0.1
-    workers: int = 2  # torch threads
+class MemoryConfig(MDNRNNConfig):
+    """M: its hyperparameters (models/mdnrnn.py MDNRNNConfig) plus stage 04's training keys."""
+
+    seq_len: int = param(32, "training subsequence length (steps)", minimum=1)
+    batch_size: int = param(32, "subsequences per update", minimum=1)
+    epochs: int = param(20, "passes over the training windows", minimum=1)
+    lr: float = param(1.0e-3, "Adam learning rate", above=0)
+    grad_clip: float = param(1.0, "max global gradient norm", above=0)
+    reward_weight: float = param(1.0, "weight of the reward MSE in the loss", minimum=0)
+    done_weight: float = param(1.0, "weight of the done BCE in the loss", minimum=0)
+    holdout_fraction: float = param(0.1, "fraction of episodes held out", minimum=0, below=1)
+    threads: int = param(2, "torch threads of stage 04", minimum=1)
+
+    def model_config(self) -> MDNRNNConfig:
+        return config_subset(MDNRNNConfig, self)
 
 
 @dataclass
-class ControllerConfig:
-    env: str = "real"  # real: the env itself | dream: inside M (held-out re-evaluations stay real)
-    inputs: str = "z_h"  # what C sees: z_h ([z, h], pixels only) | z_h_proprio (+ the joint angles; real env, PandaReach)
-    # | z_h_proprio_goal (+ joint angles and the goal position from the state: an upper bound, not from pixels)
-    temperature: float = 1.0  # tau of M's sampling in the dream (Ha & Schmidhuber section 4.5)
-    popsize: int = 16  # CMA-ES population
-    rollouts_per_candidate: int = 2  # fitness = mean return over this many episodes
-    generations: int = 100
-    sigma0: float = 0.1  # initial CMA-ES step size
-    max_steps: int = 0  # cap on steps of a training episode (0: env.max_episode_steps)
-    early_stop_steps: int = 0  # end a training episode after k steps without a new best return (0: off)
-    eval_every: int = 10  # re-evaluate the CMA-ES mean on held-out seeds every this many generations
-    eval_episodes: int = 8  # held-out episodes per re-evaluation
-    workers: int = 2  # worker processes, each holding an env plus V and M
-    worker_timeout_s: float = 600.0  # a task running longer is treated as a hung worker and re-run
-    max_retries: int = 2  # re-runs of a task whose worker crashed or hung
-    max_wall_minutes: float = 0.0  # stop after the generation that passes this wall time (0: no limit)
+class ControllerConfig(LinearControllerConfig):
+    """C: its hyperparameters (models/controller.py LinearControllerConfig) plus stage 05's CMA-ES keys."""
+
+    env: str = param("real", "where C trains: real (the env itself) | dream (inside M; the held-out "
+                     "re-evaluations stay real)", choices=("real", "dream"))
+    temperature: float = param(1.0, "tau of M's sampling in the dream (Ha & Schmidhuber section 4.5)", above=0)
+    popsize: int = param(16, "CMA-ES population (cma needs at least 2)", minimum=2)
+    rollouts_per_candidate: int = param(2, "fitness = mean return over this many episodes", minimum=1)
+    generations: int = param(100, "CMA-ES generations", minimum=1)
+    sigma0: float = param(0.1, "initial CMA-ES step size", above=0)
+    max_steps: int = param(0, "cap on steps of a training episode (0: env.max_episode_steps)", minimum=0)
+    early_stop_steps: int = param(0, "end a training episode after k steps without a new best return (0: off)",
+                                  minimum=0)
+    eval_every: int = param(10, "re-evaluate the CMA-ES mean on held-out seeds every this many generations",
+                            minimum=1)
+    eval_episodes: int = param(8, "held-out episodes per re-evaluation", minimum=1)
+    workers: int = param(2, "worker processes, each holding an env plus V and M", minimum=1)
+    threads: int = param(2, "torch threads of the batched dream (controller.env: dream)", minimum=1)
+    worker_timeout_s: float = param(0.0, "a task running longer is a hung worker, killed and re-run; 0: derived "
+                                    "from the episode length and the slowest episode so far", minimum=0)
+    max_retries: int = param(2, "re-runs of a task whose worker crashed or hung", minimum=0)
+    max_wall_minutes: float = param(0.0, "stop after the generation that passes this wall time (0: no limit)",
+                                    minimum=0)
+
+    def model_config(self) -> LinearControllerConfig:
+        return config_subset(LinearControllerConfig, self)
 
 
 @dataclass
 class EvaluateConfig:
-    episodes: int = 100  # evaluation episodes, on seeds disjoint from every training seed
-    params: str = "best"  # best (best held-out re-evaluation) | mean (final CMA-ES mean)
-    max_steps: int = 0  # 0: env.max_episode_steps
-    workers: int = 2
-    gif_every: int = 2  # keep every n-th frame in the GIF
-    gif_max_frames: int = 300
-    recon_frames: int = 16  # held-out frames in the reconstruction grid
-    fid_frames: int = 1000  # N held-out frames for FID (reconstructions and prior samples); 0: no FID
+    episodes: int = param(100, "evaluation episodes, on seeds disjoint from every training seed", minimum=1)
+    params: str = param("best", "best (best held-out re-evaluation) | mean (final CMA-ES mean)",
+                        choices=("best", "mean"))
+    max_steps: int = param(0, "cap on steps of an evaluation episode (0: env.max_episode_steps)", minimum=0)
+    workers: int = param(2, "worker processes", minimum=1)
+    gif_every: int = param(2, "keep every n-th frame in the GIF", minimum=1)
+    gif_max_frames: int = param(300, "frames at most in a GIF", minimum=1)
+    recon_frames: int = param(16, "held-out frames in the reconstruction grid", minimum=0)
+    fid_frames: int = param(1000, "N held-out frames for FID (reconstructions and prior samples); 0: no FID",
+                            minimum=0)
 
 
 @dataclass
 class Config:
-    run_dir: str = "runs/default"  # every artifact of the experiment goes under this folder
-    seed: int = 0  # run seed; every episode seed derives from it (utils/seeding.py)
-    env: EnvConfig = field(default_factory=EnvConfig)
-    rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    latents: LatentsConfig = field(default_factory=LatentsConfig)
-    mdnrnn: MDNRNNConfig = field(default_factory=MDNRNNConfig)
-    controller: ControllerConfig = field(default_factory=ControllerConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    run_dir: str = param("", "every artifact of the experiment goes under this folder (required)")
+    seed: int = param(0, "run seed; every episode seed derives from it (utils/seeding.py)", minimum=0)
+    env: EnvConfig = param(EnvConfig(), "the real environment")
+    rollouts: RolloutsConfig = param(RolloutsConfig(), "stage 01")
+    vision: VisionConfig = param(VisionConfig(), "V, stage 02 (and 03)")
+    latents: LatentsConfig = param(LatentsConfig(), "stage 03")
+    mdnrnn: MemoryConfig = param(MemoryConfig(), "M, stage 04")
+    controller: ControllerConfig = param(ControllerConfig(), "C, stage 05")
+    evaluate: EvaluateConfig = param(EvaluateConfig(), "stage 06")
 
 
-# Allowed values of string keys: a typo here is as bad as a typo in a key name.
-CHOICES = {
-    "rollouts.policy": ("brownian", "uniform", "controller"),
-    "vision.kind": ("vae", "nvae"),
-    "vision.likelihood": ("gaussian", "bernoulli", "logistic_mixture"),
-    "vision.device": ("cpu", "cuda", "auto"),
-    "controller.env": ("real", "dream"),
-    "controller.inputs": ("z_h", "z_h_proprio", "z_h_proprio_goal"),
-    "evaluate.params": ("best", "mean"),
+# Keys that were renamed: a config that still uses the old name gets told the new one.
+RENAMED = {
+    "vision.workers": "vision.threads (workers counts processes; V trains in one process)",
+    "mdnrnn.workers": "mdnrnn.threads (workers counts processes; M trains in one process)",
 }
-
-
-# Keys that must be positive (> 0) or non-negative (>= 0); a zero epoch count or batch
-# size would otherwise fail deep inside a stage.
-POSITIVE = (
-    "env.frame_size", "env.max_episode_steps", "env.render_size", "env.camera_distance", "rollouts.episodes", "rollouts.workers", "vision.z_dim",
-    "vision.mixtures", "vision.epochs", "vision.batch_size", "vision.lr", "vision.obs_std", "vision.val_frames",
-    "vision.chunk_episodes", "vision.workers", "vision.nvae.channels", "vision.nvae.latent_scales",
-    "vision.nvae.groups_per_scale", "vision.nvae.latent_channels", "vision.nvae.cells_per_group",
-    "latents.batch_size", "mdnrnn.hidden", "mdnrnn.gaussians", "mdnrnn.seq_len", "mdnrnn.batch_size",
-    "mdnrnn.epochs", "mdnrnn.lr", "mdnrnn.workers", "controller.popsize", "controller.rollouts_per_candidate",
-    "controller.generations", "controller.temperature", "controller.sigma0", "controller.eval_every", "controller.eval_episodes",
-    "controller.workers", "controller.worker_timeout_s", "evaluate.episodes", "evaluate.workers",
-    "evaluate.gif_every", "evaluate.gif_max_frames",
-)
-NON_NEGATIVE = (
-    "seed", "rollouts.max_steps", "rollouts.action_noise", "vision.kl_tolerance", "vision.nvae.preprocess_blocks", "vision.nvae.num_flows",
-    "vision.nvae.kl_warmup_fraction", "vision.nvae.spectral_lambda", "controller.max_steps",
-    "controller.early_stop_steps", "controller.max_retries", "controller.max_wall_minutes",
-    "evaluate.max_steps", "evaluate.recon_frames", "evaluate.fid_frames",
-)
-FRACTIONS = ("vision.holdout_fraction", "mdnrnn.holdout_fraction")
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -206,30 +199,22 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise UserError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise UserError(
-                f"{source}: unknown key '{prefix}{key}' (expected one of: {', '.join(sorted(names))})"
-            )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        typ = hints[key]
-        where = f"{source}: key '{prefix}{key}'"
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = _build(typ, value, source, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, typ, where)
-            dotted, v = f"{prefix}{key}", kwargs[key]
-            allowed = CHOICES.get(dotted)
-            if allowed and v not in allowed:
-                raise UserError(f"{where}: expected one of {allowed}, got {value!r}")
-            if dotted in POSITIVE and not v > 0:
-                raise UserError(f"{where}: expected a value > 0, got {value!r}")
-            if dotted in NON_NEGATIVE and not v >= 0:
-                raise UserError(f"{where}: expected a value >= 0, got {value!r}")
-            if dotted in FRACTIONS and not 0 <= v < 1:
-                raise UserError(f"{where}: expected a fraction in [0, 1), got {value!r}")
+        dotted = f"{prefix}{key}"
+        if dotted in RENAMED:
+            raise UserError(f"{source}: key '{dotted}' was renamed to {RENAMED[dotted]}")
+        if key not in fields:
+            raise UserError(f"{source}: unknown key '{dotted}' (expected one of: {', '.join(sorted(fields))})")
+        where = f"{source}: key '{dotted}'"
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, source, f"{dotted}.")
+            continue
+        kwargs[key] = _coerce(value, hints[key], where)
+        problem = check_value(fields[key], kwargs[key])
+        if problem:
+            raise UserError(f"{where}: {problem}")
     return cls(**kwargs)
 
 
@@ -259,36 +244,72 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return parsed
 
 
+def merge(base: dict, over: dict) -> dict:
+    """Deep merge: the keys of `over` replace those of `base`; sections merge key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def config_from_dict(data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Config:
     """Build a validated Config from a plain dict plus dotted overrides.
 
     Raises:
-        UserError: an unknown key, a wrong type or a value outside CHOICES, naming
-            `source` and the dotted key.
+        UserError: an unknown key, a wrong type, a value outside its choices or bounds, or no run_dir,
+            naming `source` and the dotted key.
     """
     data = dict(data or {})
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value, f"{source} (--set {key})")
-    return _build(Config, data, source, "")
+    cfg = _build(Config, data, source, "")
+    if not cfg.run_dir:
+        raise UserError(f"{source}: key 'run_dir' is required (the folder every artifact of the run goes under)")
+    return cfg
 
 
-def load_config(path: str, overrides: list[str] | None = None) -> Config:
-    """Load and validate the YAML file `path`, then apply `overrides`.
+def read_config_file(path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The YAML mapping of `path` with its `base:` files (relative to `path`) merged in below it.
 
     Raises:
-        UserError: the file is missing or not valid YAML, or any key error of
-            `config_from_dict`.
+        UserError: the file is missing, empty, not valid YAML or not a mapping; a `base:` cycle.
     """
+    real = os.path.realpath(path)
+    if real in _seen:
+        raise UserError(f"{path}: 'base' includes itself ({' -> '.join(_seen + (real,))})")
     if not os.path.isfile(path):
         raise UserError(f"{path}: config file not found")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data is not None and not isinstance(data, dict):
+    if data is None:
+        raise UserError(f"{path}: the config file is empty (expected run_dir, seed and a section per stage)")
+    if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
-    return config_from_dict(data or {}, path, overrides)
+    bases = data.pop("base", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError(f"{path}: key 'base' must be a file path or a list of them, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        merged = merge(merged, read_config_file(os.path.join(os.path.dirname(path), base), _seen + (real,)))
+    return merge(merged, data)
+
+
+def load_config(paths: str | list[str], overrides: list[str] | None = None) -> Config:
+    """Load the YAML file(s) `paths`, merged left to right (each with its `base:` files first), then apply
+    `overrides`.
+
+    Raises:
+        UserError: a file is missing, empty or not valid YAML, or any key error of `config_from_dict`.
+    """
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    data: dict = {}
+    for path in paths:
+        data = merge(data, read_config_file(path))
+    return config_from_dict(data, " + ".join(paths), overrides)
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -297,3 +318,27 @@ def config_to_dict(cfg: Config) -> dict:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_help(cls: type = Config, prefix: str = "") -> str:
+    """Every key of the config: dotted name, type, default, allowed values or bounds, and meaning."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta, name = f.metadata, f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += ["", f"{name}:  {meta.get('help', '')}"] if not prefix else [f"{name}:  {meta.get('help', '')}"]
+            lines.append(config_help(hints[f.name], f"{name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        allowed = ""
+        if meta.get("choices"):
+            allowed = " | ".join(map(str, meta["choices"]))
+        else:
+            bounds = [f">= {meta['minimum']:g}" if meta.get("minimum") is not None else "",
+                      f"> {meta['above']:g}" if meta.get("above") is not None else "",
+                      f"< {meta['below']:g}" if meta.get("below") is not None else ""]
+            allowed = ", ".join(b for b in bounds if b)
+        lines.append(f"  {name}: {hints[f.name].__name__} = {default!r}" + (f"  [{allowed}]" if allowed else ""))
+        lines.append(f"      {meta.get('help', '')}")
+    return "\n".join(lines).lstrip("\n")

@@ -9,6 +9,8 @@ independent of the file system's listing order.
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -124,3 +126,82 @@ class LatentWindows:
         for key in ("actions", "rewards", "done", "next_valid", "step_valid"):
             out[key] = np.stack([self.episodes[i][key][s : s + L] for i, s in pairs])
         return out
+
+
+ROLLOUT_STEP_KEYS = ("actions", "rewards", "terminated", "truncated")  # one entry per step, beside obs
+
+
+def _npz_header(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{array name: (shape, dtype)} of an npz, read from the .npy headers without decompressing the data."""
+    out = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+            out[name[:-4] if name.endswith(".npy") else name] = (shape, dtype)
+    return out
+
+
+def check_rollouts(files: list[str], frame_size: int) -> list[int]:
+    """Check every rollout episode before a stage reads frames from them; return their lengths T.
+
+    Each file must hold obs uint8 (T, frame_size, frame_size, 3) with T >= 1, and actions float (T, A) with one
+    A for all files, rewards (T,), terminated and truncated (T,), the actions and rewards finite.
+
+    Raises:
+        UserError: naming the file and what was expected.
+    """
+    lengths, action_dim = [], None
+    for path in files:
+        try:
+            header = _npz_header(path)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, zlib.error) as exc:
+            raise UserError(f"{path}: corrupt or unreadable npz ({type(exc).__name__}: {exc})") from None
+        missing = [k for k in ("obs",) + ROLLOUT_STEP_KEYS if k not in header]
+        if missing:
+            raise UserError(f"{path}: missing arrays {missing} (found {sorted(header)})")
+        shape, dtype = header["obs"]
+        if dtype != np.uint8 or len(shape) != 4 or shape[1:] != (frame_size, frame_size, 3) or shape[0] < 1:
+            raise UserError(f"{path}: obs is {dtype} {shape}, expected uint8 (T >= 1, {frame_size}, {frame_size}, 3) "
+                            "for env.frame_size")
+        steps = load_episode(path, ROLLOUT_STEP_KEYS)
+        lengths_here = {k: len(v) for k, v in steps.items()}
+        if set(lengths_here.values()) != {shape[0]}:
+            raise UserError(f"{path}: {shape[0]} frames but per-step arrays of lengths {lengths_here}")
+        actions = steps["actions"]
+        if actions.ndim != 2 or (action_dim is not None and actions.shape[1] != action_dim):
+            raise UserError(f"{path}: actions of shape {actions.shape}, expected (T, {action_dim or 'A'}) as in "
+                            f"{files[0]}")
+        action_dim = actions.shape[1]
+        for key in ("actions", "rewards"):
+            if not np.isfinite(steps[key]).all():
+                raise UserError(f"{path}: {key} hold NaN or inf")
+        lengths.append(int(shape[0]))
+    return lengths
+
+
+def check_latents(files: list[str]) -> list[int]:
+    """Check every encoded episode before M trains on it; return their lengths T.
+
+    Raises:
+        UserError: a missing array, arrays of different lengths, or mu, logvar, actions or rewards that are not
+            finite, naming the file.
+    """
+    lengths = []
+    for path in files:
+        e = load_episode(path, LATENT_KEYS)
+        sizes = {k: len(v) for k, v in e.items()}
+        if len(set(sizes.values())) != 1 or sizes["mu"] < 1:
+            raise UserError(f"{path}: expected arrays of one length >= 1, got {sizes}")
+        for key in ("mu", "logvar", "actions", "rewards"):
+            if not np.isfinite(e[key]).all():
+                raise UserError(f"{path}: {key} hold NaN or inf (re-encode with a V whose weights are finite)")
+        lengths.append(sizes["mu"])
+    return lengths
+
+
+def start_latents(latent_files: list[str]) -> np.ndarray:
+    """mu of the first frame of each episode in stage 03's npz files -> float32 (N, z_dim): where dreams start."""
+    return np.stack([load_episode(path, ("mu",))["mu"][0] for path in latent_files]).astype(np.float32)

@@ -1,6 +1,8 @@
-"""Real environments, frame preprocessing, random policies and action squashing.
+"""Real environments whose observations are V-ready frames.
 
-Every real env hands the stages a uint8 (H, W, 3) frame as its observation:
+`make_env` builds the env of the config as a chain of gymnasium wrappers, so
+every consumer (the episode loop of stages 01, 05, 06 and the benchmarks, the
+agent) receives uint8 (S, S, 3) frames with S = env.frame_size:
 
 - CarRacing-v3: the env's own (96, 96, 3) observation, optionally without the
   12-row dashboard at the bottom (Ha & Schmidhuber crop it; it shows speed,
@@ -10,8 +12,8 @@ Every real env hands the stages a uint8 (H, W, 3) frame as its observation:
   the thesis) and moves the joint angles (`proprio`) and `desired_goal` into
   `info`.
 
-`preprocess_frame` then resizes the frame to V's input, uint8 (S, S, 3) with
-S = env.frame_size.
+`PreprocessFrame` then resizes the frame to V's input, uint8 (S, S, 3)
+(`preprocess_frame`, bilinear).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def info_input_dims(env_cfg: EnvConfig) -> dict[str, int]:
 
 
 def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = True):
-    """Create the real env named by `env_cfg.id`; its observations are uint8 (H, W, 3) frames.
+    """Create the real env named by `env_cfg.id`; its observations are V-ready uint8 (S, S, 3) frames,
+    S = env_cfg.frame_size.
 
     pixels=False leaves a PandaReach env with its state dict and no rendering (about 60x faster:
     for policies that do not look, such as the random baseline).
@@ -68,7 +71,24 @@ def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = 
         env = gym.make(env_cfg.id, **kwargs)
     except gym.error.Error as exc:
         raise UserError(f"env.id: cannot make {env_cfg.id!r} ({exc})") from None
-    return PandaPixels(env) if is_panda(env_cfg.id) and pixels else env
+    if not pixels:
+        return env
+    if is_panda(env_cfg.id):
+        env = PandaPixels(env)
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 3:
+        env.close()
+        raise UserError(f"env.id: {env_cfg.id} does not give image observations (H, W, 3); World Models needs "
+                        "frames")
+    return PreprocessFrame(env, env_cfg)
+
+
+def check_env(env_cfg: EnvConfig) -> None:
+    """Make and close the env once, so that a bad env.id stops a stage before any worker starts.
+
+    Raises:
+        UserError: see make_env.
+    """
+    make_env(env_cfg, pixels=False).close()
 
 
 def goal_marker_mask(frames: np.ndarray) -> np.ndarray:
@@ -113,6 +133,20 @@ class PandaPixels(gym.Wrapper):
         return self._frame(), reward, terminated, truncated, self._info(obs, info)
 
 
+class PreprocessFrame(gym.ObservationWrapper):
+    """Observations resized to V's input: uint8 (H, W, 3) -> uint8 (S, S, 3), S = env.frame_size
+    (`preprocess_frame`)."""
+
+    def __init__(self, env, env_cfg: EnvConfig):
+        super().__init__(env)
+        self.env_cfg = env_cfg
+        size = env_cfg.frame_size
+        self.observation_space = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return preprocess_frame(observation, self.env_cfg)
+
+
 def preprocess_frame(obs: np.ndarray, env_cfg: EnvConfig) -> np.ndarray:
     """uint8 (H, W, 3) env frame -> uint8 (S, S, 3) frame for V (bilinear resize)."""
     if env_cfg.crop_dashboard and env_cfg.id.startswith("CarRacing"):
@@ -121,53 +155,3 @@ def preprocess_frame(obs: np.ndarray, env_cfg: EnvConfig) -> np.ndarray:
     if obs.shape[0] == size and obs.shape[1] == size:
         return np.ascontiguousarray(obs)
     return np.array(Image.fromarray(obs).resize((size, size), Image.BILINEAR))
-
-
-def frames_to_tensor(frames: np.ndarray):
-    """uint8 (B, H, W, 3) -> float32 torch tensor (B, 3, H, W) in [0, 1]."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (B, 3, H, W) view
-    return x.contiguous().float().div_(255.0)  # contiguous NCHW: channels-last strides make convs slow
-
-
-class RandomPolicy:
-    """Random exploration actions in the env's Box action space.
-
-    `uniform`: an independent uniform sample each step. `brownian`: a clipped
-    random walk a_{t+1} = clip(a_t + sqrt(dt) * N(0, I), low, high), started
-    uniformly, as in ctallec/world-models; it holds steering and throttle long
-    enough for the car to actually move along (and off) the track.
-    """
-
-    def __init__(self, kind: str, action_space, rng: np.random.Generator, dt: float = 0.02):
-        self.kind, self.rng, self.dt = kind, rng, dt
-        self.low = action_space.low.astype(np.float32)
-        self.high = action_space.high.astype(np.float32)
-        self.action = self._uniform()
-
-    def _uniform(self) -> np.ndarray:
-        return self.rng.uniform(self.low, self.high).astype(np.float32)
-
-    def __call__(self) -> np.ndarray:
-        if self.kind == "uniform":
-            return self._uniform()
-        step = np.sqrt(self.dt) * self.rng.standard_normal(self.low.shape).astype(np.float32)
-        self.action = np.clip(self.action + step, self.low, self.high)
-        return self.action.copy()
-
-
-def squash_to_bounds(u, low, high):
-    """Map unbounded controller outputs into [low, high] with a tanh: low + (high - low) * (tanh(u) + 1) / 2.
-
-    Works on numpy arrays or torch tensors of shape (..., A); for CarRacing
-    (low = [-1, 0, 0], high = [1, 1, 1]) steering is tanh(u) and gas and brake
-    are (tanh(u) + 1) / 2.
-    """
-    import torch
-
-    if isinstance(u, torch.Tensor):
-        low_t = torch.as_tensor(low, dtype=u.dtype)
-        high_t = torch.as_tensor(high, dtype=u.dtype)
-        return low_t + (high_t - low_t) * (torch.tanh(u) + 1) / 2
-    return low + (high - low) * (np.tanh(u) + 1) / 2

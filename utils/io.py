@@ -125,27 +125,6 @@ def check_episodes(files: list[str], keys: tuple[str, ...]) -> list[int]:
     return [len(load_episode(f, keys)[keys[0]]) for f in files]
 
 
-def load_checkpoint(path: str, kind: str | tuple[str, ...]) -> dict:
-    """Load a self-describing checkpoint dict and check its `kind`.
-
-    Raises:
-        UserError: missing or unreadable file, or `ckpt["kind"]` not in `kind`.
-    """
-    import torch
-
-    kinds = (kind,) if isinstance(kind, str) else kind
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: checkpoint not found (run the stage that writes it first)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
-        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path}: checkpoint of kind {found!r}, expected one of {kinds}")
-    return ckpt
-
-
 def file_sha256(path: str) -> str:
     """Hex sha256 of a file's bytes: identifies the exact checkpoint an artifact was made from."""
     import hashlib

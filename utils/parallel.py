@@ -6,20 +6,28 @@ its own pipe. The parent waits on the pipes and on the process sentinels with
 a timeout, so
 
 - a worker that dies (segfault, OOM kill, os._exit) is seen at once,
-- a worker that runs a task longer than `timeout_s` is killed,
+- a worker that runs a task longer than the hang timeout is killed (stopped
+  with SIGSTOP, deadlocked, ...); the timeout is `timeout_s` when given, else it
+  scales with the episode: `first_timeout_s` until a task has finished, then 20
+  times the slowest seconds per step seen so far times `task_steps`, at least
+  `MIN_TIMEOUT_S`,
 
 and in both cases a fresh worker is started and the task is re-run, at most
 `max_retries` times, after which `WorkerError` is raised. An exception raised
 inside `task_fn` is a bug, not bad luck: it is raised in the parent with the
 worker's traceback, without retrying.
 
-init_fn and task_fn must be importable module-level functions (workers are
-started with the "spawn" method, which is safe with torch's thread pools).
+Workers die with their parent (Linux PR_SET_PDEATHSIG), so a killed stage
+leaves no orphan playing episodes. init_fn and task_fn must be importable
+module-level functions (workers are started with the "spawn" method, which is
+safe with torch's thread pools).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
+import os
 import signal
 import time
 import traceback
@@ -29,11 +37,26 @@ from typing import Any, Callable, Iterable
 from tqdm import tqdm
 
 
+MIN_TIMEOUT_S = 5.0
+HANG_FACTOR = 20.0  # a task is hung when it takes this many times the slowest per-step time seen
+
+
 class WorkerError(RuntimeError):
     """A task failed in a worker (an exception, or crashes/hangs beyond max_retries)."""
 
 
-def _worker_main(conn, init_fn: Callable, init_args: tuple, task_fn: Callable) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the daemon flag still ends workers on a clean exit
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _worker_main(conn, init_fn: Callable, init_args: tuple, task_fn: Callable, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         state = init_fn(*init_args)
@@ -58,7 +81,8 @@ def _worker_main(conn, init_fn: Callable, init_args: tuple, task_fn: Callable) -
 class _Worker:
     def __init__(self, ctx, init_fn, init_args, task_fn):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, init_fn, init_args, task_fn), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, init_fn, init_args, task_fn, os.getpid()),
+                                daemon=True)
         self.proc.start()
         child.close()
         self.task: int | None = None  # index of the running task
@@ -73,7 +97,15 @@ class _Worker:
 
 
 class WorkerPool:
-    """Run tasks on `n_workers` processes with crash and hang detection (see module docstring)."""
+    """Run tasks on `n_workers` processes with crash and hang detection (see module docstring).
+
+    Args:
+        timeout_s: fixed hang timeout per task in seconds; 0 derives it from the episodes (module docstring).
+        first_timeout_s: the derived timeout before any task has finished.
+        task_steps: the most env steps a task may take (for the derived timeout; tasks report "steps").
+        max_retries: re-runs of a task whose worker crashed or hung, before WorkerError.
+        init_timeout_s: the longest a worker may take to build its state.
+    """
 
     def __init__(
         self,
@@ -81,13 +113,17 @@ class WorkerPool:
         init_fn: Callable,
         init_args: tuple,
         task_fn: Callable,
-        timeout_s: float = 600.0,
+        timeout_s: float = 0.0,
         max_retries: int = 2,
         init_timeout_s: float = 300.0,
+        first_timeout_s: float = 600.0,
+        task_steps: int = 1000,
     ):
         self.ctx = mp.get_context("spawn")
         self.args = (init_fn, init_args, task_fn)
         self.timeout_s, self.max_retries, self.init_timeout_s = timeout_s, max_retries, init_timeout_s
+        self.first_timeout_s, self.task_steps = first_timeout_s, task_steps
+        self.slowest_step_s = 0.0  # the slowest seconds per env step of a finished task
         self.workers = [_Worker(self.ctx, *self.args) for _ in range(max(1, n_workers))]
         self.restarts = 0  # workers replaced after a crash or a hang, over the pool's life
         self.start_failures = 0  # workers that died before they were ready
@@ -145,6 +181,7 @@ class WorkerPool:
                     if status == "ready":
                         w.ready = True
                     elif status == "ok":
+                        self._observe(payload, time.monotonic() - w.started)
                         results[index] = payload
                         w.task = None
                         done += 1
@@ -153,15 +190,29 @@ class WorkerPool:
                         raise WorkerError(f"worker task failed:\n{payload}")
                     else:  # the process died
                         self._retry(i, index, pending, tries, "crashed")
-                now = time.monotonic()
+                now, timeout = time.monotonic(), self.hang_timeout_s()
                 for i, w in enumerate(self.workers):
-                    if w.task is not None and now - w.started > self.timeout_s:
-                        self._retry(i, w.task, pending, tries, f"hung for more than {self.timeout_s:.0f} s")
+                    if w.task is not None and now - w.started > timeout:
+                        self._retry(i, w.task, pending, tries, f"hung for more than {timeout:.0f} s")
                     elif w.task is None and not w.ready and now - w.started > self.init_timeout_s:
                         raise WorkerError(f"a worker did not start within {self.init_timeout_s:.0f} s")
         finally:
             bar.close()
         return results
+
+    def _observe(self, result: Any, seconds: float) -> None:
+        """Learn the per-step time from a finished task that reports its "steps"."""
+        steps = result.get("steps") if isinstance(result, dict) else None
+        if steps:
+            self.slowest_step_s = max(self.slowest_step_s, seconds / steps)
+
+    def hang_timeout_s(self) -> float:
+        """Seconds after which a running task counts as hung (module docstring)."""
+        if self.timeout_s > 0:
+            return self.timeout_s
+        if not self.slowest_step_s:
+            return self.first_timeout_s
+        return max(MIN_TIMEOUT_S, HANG_FACTOR * self.slowest_step_s * self.task_steps)
 
     def _dispatch(self, pending: list[int], tasks: list[Any]) -> None:
         for i, w in enumerate(self.workers):

@@ -5,11 +5,14 @@ after every epoch, with the optimizer, to resume) and `best.pt` (lowest
 held-out loss), plus `train_log.jsonl` with one line per epoch. Rerunning the
 stage resumes from `latest.pt` until the configured number of epochs is done.
 An update whose loss or gradient norm is not finite is skipped and counted
-(as in VDVAE), so NaN never reaches a checkpoint.
+(as in VDVAE); weights that are not finite are never saved
+(utils.checkpoints.save_model), and an epoch whose held-out loss is not
+finite stops the stage with one line, so NaN never reaches a checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,14 +23,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import build_vision, vision_checkpoint
+from models import build
+from models.likelihood import frames_to_tensor
 from models.mdnrnn import MDNRNN, mdnrnn_loss
-from models.nvae import kl_warmup_coeff
+from utils.checkpoints import read_checkpoint, save_model
 from utils.config import Config, config_to_dict
 from utils.data import LatentWindows, iterate_frame_batches, sample_frames
-from utils.envs import frames_to_tensor
 from utils.errors import UserError
-from utils.io import check_episodes, load_checkpoint, save_text, save_torch
+from utils.io import save_text
 
 
 def guarded_step(loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, grad_clip: float) -> bool:
@@ -54,15 +57,29 @@ def _write_log(path: str, history: list[dict]) -> None:
     save_text(path, "".join(json.dumps(row) + "\n" for row in history))
 
 
-def _resume(latest: str, kind: str, model: torch.nn.Module, optimizer) -> tuple[int, list[dict], float]:
-    """Restore model and optimizer from `latest`; return (next epoch, history, best held-out loss)."""
+def build_model(family: str, kind: str, config, **sizes):
+    """models.build, with an architecture that cannot take the config's sizes reported as a UserError."""
+    try:
+        return build(family, kind, config, **sizes)
+    except ValueError as exc:
+        raise UserError(f"{family} kind {kind}: {exc}") from None
+
+
+def _resume(latest: str, model: torch.nn.Module, optimizer) -> tuple[int, list[dict], float]:
+    """Restore model and optimizer from `latest`; return (next epoch, history, best held-out loss).
+
+    Raises:
+        UserError: latest.pt of another kind, config or sizes than this run's model.
+    """
     if not os.path.exists(latest):
         return 0, [], math.inf
-    ckpt = load_checkpoint(latest, kind)
-    if ckpt["hparams"] != model.hparams():
+    ckpt = read_checkpoint(latest)
+    saved = (ckpt.get("kind"), ckpt.get("config"), ckpt.get("sizes"))
+    wanted = (model.kind, dataclasses.asdict(model.config), model.sizes())
+    if saved != wanted:
         raise UserError(
-            f"{latest}: saved with {ckpt['hparams']}, the config asks for {model.hparams()}; "
-            "use another run_dir or delete the folder to start over"
+            f"{latest}: saved for {saved[0]} {saved[1]} {saved[2]}, the config asks for {wanted[0]} {wanted[1]} "
+            f"{wanted[2]}; use another run_dir or delete the folder to start over"
         )
     model.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -92,6 +109,10 @@ def _epoch_loop(
         row = {"epoch": epoch + 1, **run_epoch(epoch)}
         row.update({f"val_{k}": v for k, v in evaluate().items()})
         row["seconds"] = round(time.perf_counter() - start, 2)
+        if not math.isfinite(row["val_loss"]):
+            raise UserError(f"{out_dir}: epoch {epoch + 1} gave a non-finite held-out loss ({row['val_loss']}) after "
+                            f"{row.get('skipped_updates', 0)} skipped updates; nothing of it was saved (lower the "
+                            "learning rate, or check the inputs)")
         history.append(row)
         improved = row["val_loss"] < best
         if improved:
@@ -109,23 +130,6 @@ def _epoch_loop(
 
 
 # ---------------------------------------------------------------- V
-
-
-def vision_objective(model, x: torch.Tensor, cfg: Config, progress: float) -> dict[str, torch.Tensor]:
-    """Loss terms of V for one batch; `progress` in [0, 1] drives the NVAE's KL warm-up.
-
-    The conv VAE trains on its own loss (with free nats). The NVAE adds KL warm-up and
-    balancing and lambda times its spectral + BatchNorm regulariser (`reg`).
-    """
-    if model.kind != "nvae":
-        return model.loss(x)
-    nc = cfg.vision.nvae
-    kl_coeff = kl_warmup_coeff(progress, nc.kl_warmup_fraction)
-    terms = model.loss(x, kl_coeff=kl_coeff, kl_balance=nc.kl_balance)
-    terms["reg"] = model.regularization()
-    terms["loss"] = terms["loss"] + nc.spectral_lambda * terms["reg"]
-    terms["kl_coeff"] = torch.tensor(kl_coeff)
-    return terms
 
 
 def resolve_device(name: str) -> torch.device:
@@ -158,17 +162,18 @@ def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256) -> dict:
     return {k: v / len(frames) for k, v in sums.items()}
 
 
-def train_vision(cfg: Config, train_files: list[str], val_files: list[str], out_dir: str) -> list[dict]:
-    """Train V of kind cfg.vision.kind on the frames of `train_files`; see the module docstring."""
+def train_vision(cfg: Config, model: torch.nn.Module, train_files: list[str], train_lengths: list[int],
+                 val_files: list[str], out_dir: str) -> list[dict]:
+    """Train the fresh V `model` (built from cfg.vision, already on its device) on the frames of `train_files`
+    (`train_lengths` frames each, checked by utils.data.check_rollouts); see the module docstring."""
     vc = cfg.vision
-    torch.set_num_threads(vc.workers)
-    device = resolve_device(vc.device)
-    model = build_vision(cfg).to(device)  # before the optimizer, so a resumed Adam state lands there too
+    torch.set_num_threads(vc.threads)
+    device = next(model.parameters()).device  # the model is there before the optimizer: a resumed Adam state follows
     optimizer = torch.optim.Adam(model.parameters(), lr=vc.lr)
-    start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model.kind, model, optimizer)
+    start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model, optimizer)
     val_frames = sample_frames(val_files, vc.val_frames, cfg.seed)
     split = {"train": [os.path.basename(f) for f in train_files], "held_out": [os.path.basename(f) for f in val_files]}
-    n_train_frames = sum(check_episodes(train_files, ("actions",)))
+    n_train_frames = sum(train_lengths)
 
     def run_epoch(epoch: int) -> dict:
         model.train()
@@ -178,7 +183,7 @@ def train_vision(cfg: Config, train_files: list[str], val_files: list[str], out_
         bar = tqdm(desc=f"02 epoch {epoch + 1}", unit="img", leave=False, disable=None)
         for frames in iterate_frame_batches(train_files, vc.batch_size, vc.chunk_episodes, rng):
             progress = (epoch + images / n_train_frames) / vc.epochs
-            terms = vision_objective(model, frames_to_tensor(frames).to(device), cfg, progress)
+            terms = model.objective(frames_to_tensor(frames).to(device), progress)
             if not guarded_step(terms["loss"], model.parameters(), optimizer, vc.grad_clip):
                 skipped += 1
                 continue
@@ -193,19 +198,8 @@ def train_vision(cfg: Config, train_files: list[str], val_files: list[str], out_
         return row
 
     def save(path: str, epoch: int, hist: list[dict]) -> None:
-        save_torch(
-            path,
-            vision_checkpoint(
-                model,
-                config=config_to_dict(cfg),
-                optimizer=optimizer.state_dict(),
-                epoch=epoch,
-                step=epoch,
-                metrics=hist[-1],
-                history=hist,
-                split=split,
-            ),
-        )
+        save_model(path, model, run_config=config_to_dict(cfg), optimizer=optimizer.state_dict(), epoch=epoch,
+                   metrics=hist[-1], history=hist, split=split)
 
     evaluate = lambda: evaluate_vision(model, val_frames)  # noqa: E731
     return _epoch_loop("02", vc.epochs, start_epoch, history, best, run_epoch, evaluate, save, out_dir)
@@ -227,10 +221,10 @@ def _latent_batch_loss(model: MDNRNN, data: LatentWindows, pairs, cfg: Config, g
 def train_mdnrnn(cfg: Config, train_files: list[str], val_files: list[str], z_dim: int, action_dim: int, out_dir: str) -> list[dict]:
     """Train M on windows of z sampled from the latents of `train_files`; see the module docstring."""
     mc = cfg.mdnrnn
-    torch.set_num_threads(mc.workers)
-    model = MDNRNN(z_dim, action_dim, mc.hidden, mc.gaussians, mc.min_log_sigma, mc.max_log_sigma)
+    torch.set_num_threads(mc.threads)
+    model = build_model("memory", "mdnrnn", mc.model_config(), z_dim=z_dim, action_dim=action_dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=mc.lr)
-    start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model.kind, model, optimizer)
+    start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model, optimizer)
     train_data, val_data = LatentWindows(train_files, mc.seq_len), LatentWindows(val_files, mc.seq_len)
 
     def run_epoch(epoch: int) -> dict:
@@ -264,19 +258,7 @@ def train_mdnrnn(cfg: Config, train_files: list[str], val_files: list[str], z_di
         return {k: v / max(1, n) for k, v in sums.items()}
 
     def save(path: str, epoch: int, hist: list[dict]) -> None:
-        save_torch(
-            path,
-            {
-                "kind": model.kind,
-                "hparams": model.hparams(),
-                "state_dict": model.state_dict(),
-                "config": config_to_dict(cfg),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "step": epoch,
-                "metrics": hist[-1],
-                "history": hist,
-            },
-        )
+        save_model(path, model, run_config=config_to_dict(cfg), optimizer=optimizer.state_dict(), epoch=epoch,
+                   metrics=hist[-1], history=hist)
 
     return _epoch_loop("04", mc.epochs, start_epoch, history, best, run_epoch, evaluate, save, out_dir)

@@ -4,8 +4,8 @@
 [z_t, h_t], an action goes through M.step, the next z is sampled from M's
 mixture at temperature tau, and the reward and termination come from M's
 heads (done when sigmoid(done logit) > 0.5). An episode starts from the z of
-the first frame of a real episode (`start_latents`, taken from stage 03's
-output) with h = 0. `render()` decodes z through V.
+the first frame of a real episode (utils.data.start_latents reads them from
+stage 03's output) with h = 0. `render()` decodes z through V.
 
 `dream_returns` steps many controllers through the dream at once, as one torch
 batch (population x rollouts per candidate), the fast path for CMA-ES.
@@ -17,18 +17,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from models.controller import batched_actions
+from models.likelihood import frames_to_tensor
 from models.mdnrnn import MDNRNN, mdn_sample
 
 DONE_THRESHOLD = 0.5  # terminate when M's done probability exceeds this
-
-
-def start_latents(latent_files: list[str]) -> np.ndarray:
-    """mu of the first frame of each episode in stage 03's npz files -> float32 (N, z_dim)."""
-    starts = []
-    for path in latent_files:
-        with np.load(path) as ep:
-            starts.append(ep["mu"][0])
-    return np.stack(starts).astype(np.float32)
 
 
 class DreamEnv(gym.Env):
@@ -106,18 +99,6 @@ class DreamEnv(gym.Env):
         return (frame.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def batched_actions(params: torch.Tensor, x: torch.Tensor, low, high) -> torch.Tensor:
-    """Linear controllers applied row by row: params float (B, A * in_dim + A) (W row-major,
-    then b, as LinearController), x float (B, in_dim) -> actions float (B, A) in [low, high]."""
-    from utils.envs import squash_to_bounds
-
-    a_dim = len(low)
-    in_dim = x.shape[1]
-    w = params[:, : a_dim * in_dim].view(-1, a_dim, in_dim)
-    b = params[:, a_dim * in_dim :]
-    return squash_to_bounds(torch.bmm(w, x[:, :, None])[:, :, 0] + b, low, high)
-
-
 @torch.no_grad()
 def dream_returns(
     mdnrnn: MDNRNN,
@@ -134,7 +115,7 @@ def dream_returns(
     params float (B, n_params); starts float (B, z_dim). An episode ends at M's done or after
     max_steps; finished rows stop collecting reward. Returns (returns float64 (B,), episode
     lengths int64 (B,)). With B = 1 and the same generator state this is exactly a DreamEnv
-    episode driven by LinearController(params[0]).
+    episode driven by LinearController with params[0].
     """
     z = torch.as_tensor(np.asarray(starts, np.float32)).clone()
     theta = torch.as_tensor(np.asarray(params, np.float32))
@@ -170,3 +151,22 @@ def dream_score(mdnrnn: MDNRNN, starts: np.ndarray, params: np.ndarray, action_l
                                          generator)
     return {"temperature": float(temperature), "episodes": episodes, "mean": float(returns.mean()),
             "std": float(returns.std()), "mean_length": float(lengths.mean()), "returns": returns.tolist()}
+
+
+@torch.inference_mode()
+def dream_frames(vision, mdnrnn: MDNRNN, controller, first_frame: np.ndarray, temperature: float, steps: int,
+                 seed: int) -> list[np.ndarray]:
+    """Frames uint8 (S, S, 3) of a dream episode of at most `steps` steps driven by `controller` (a
+    LinearController reading [z, h]), started from z = mu(first_frame) (uint8 (S, S, 3)) and decoded through V
+    at `temperature` (DreamEnv.render)."""
+    z0 = vision.encode(frames_to_tensor(first_frame[None]))[0].numpy()
+    env = DreamEnv(mdnrnn, z0, controller.low, controller.high, temperature, steps, vision, "rgb_array")
+    obs, _ = env.reset(seed=seed)
+    frames = [env.render()]
+    for _ in range(steps - 1):
+        z, h = torch.from_numpy(obs[: vision.z_dim])[None], torch.from_numpy(obs[vision.z_dim :])[None]
+        obs, _, terminated, truncated, _ = env.step(controller(z, h)[0].numpy())
+        frames.append(env.render())
+        if terminated or truncated:
+            break
+    return frames

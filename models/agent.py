@@ -1,0 +1,55 @@
+"""The V-M-C agent of World Models acting in a real env, one frame at a time (Ha & Schmidhuber 2018, fig. 8).
+
+A frame's path from the env to an action, all in models/:
+
+    frame uint8 (S, S, 3), V-ready (utils.envs.make_env resizes it)
+    -> likelihood.frames_to_tensor          float32 (1, 3, S, S) in [0, 1]
+    -> V.encode (vae.py / nvae.py)          z = mu (1, z_dim), the posterior mean
+    -> C([z, h] (+ info inputs)) (controller.py)   action float32 (1, A) within the env's bounds
+    -> M.advance(z, action) (mdnrnn.py)     h for the next frame
+
+On PandaReach, C may also read info["proprio"] (the 7 joint angles) and, as an
+upper bound, info["desired_goal"] (controller.inputs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.likelihood import frames_to_tensor
+
+
+class Agent:
+    """V, M and C acting together (no gradients), for any V kind; M is an MDN-RNN and C a linear controller.
+
+    Args:
+        vision: a trained V (encode: float32 (B, 3, S, S) -> mu, logvar (B, z_dim)).
+        memory: a trained M (initial_state(B), advance(z, a, state), state[0][0] = h (B, hidden)).
+        controller: C (z, h, extra) -> action (B, A) in the env's bounds; `info_vector(info)` gives extra.
+    """
+
+    def __init__(self, vision, memory, controller):
+        self.vision, self.memory, self.controller = vision, memory, controller
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the episode: h = 0."""
+        self.state = self.memory.initial_state(1)
+
+    @torch.inference_mode()
+    def act(self, frame: np.ndarray, info: dict | None = None, rng: np.random.Generator | None = None,
+            noise_std: float = 0.0) -> np.ndarray:
+        """V-ready frame uint8 (S, S, 3) -> action float32 (A,) in bounds; advances M with the action returned.
+
+        info: the env info of the step that gave the frame (C's extra inputs, if controller.inputs reads any).
+        noise_std > 0 adds N(0, noise_std^2) exploration noise drawn from `rng`, clipped to the bounds, before M
+        sees the action (Ha & Schmidhuber section 5: M learns from what was played).
+        """
+        z, _ = self.vision.encode(frames_to_tensor(frame[None]))  # (1, D): the posterior mean
+        action = self.controller(z, self.state[0][0], self.controller.info_vector(info or {}))  # (1, A)
+        if noise_std > 0:
+            noisy = action.numpy() + rng.normal(0.0, noise_std, action.shape)
+            action = torch.from_numpy(np.clip(noisy, self.controller.low, self.controller.high).astype(np.float32))
+        self.state = self.memory.advance(z, action, self.state)
+        return action[0].numpy()

@@ -1,0 +1,187 @@
+"""Stage 06's work: play C on held-out episodes, score it (real and dream), check V, and write the media.
+
+`evaluate_run` is the whole stage for one run; the script only resolves paths
+and writes the manifest. Every episode goes through the one episode loop
+(utils/episodes.py), in worker processes for the scores and in this process
+for the episode replayed into the GIFs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from models.agent import Agent
+from models.controller import LinearController
+from models.dream import dream_frames, dream_score
+from models.likelihood import frames_to_tensor, to_uint8
+from utils.checkpoints import load_model, load_world_model, read_checkpoint
+from utils.cli import stage_dir
+from utils.data import check_latents, sample_frames, start_latents
+from utils.envs import check_env, goal_marker_mask, info_input_dims, is_panda, make_env
+from utils.episodes import AgentPolicy, agent_task, expected_episode_s, init_agent_worker, run_episode
+from utils.errors import UserError
+from utils.fid import fid_unavailable, vision_fid
+from utils.io import list_episodes, save_json
+from utils.media import save_episode_gif, save_reconstruction_grid, save_side_by_side_gif
+from utils.parallel import WorkerPool
+from utils.report import budget_summary, plot_training_curves, write_run_report
+from utils.seeding import env_seed
+
+GOAL_MARKER_FRAMES = 512  # held-out frames for the PandaReach goal-marker check
+
+
+def load_evaluated_agent(cfg, vision_path: str, mdnrnn_path: str, controller_path: str):
+    """V, M and C (with evaluate.params: best or mean) of a run, checked against each other, the config and
+    the env: (vision, mdnrnn, controller, controller checkpoint dict).
+
+    Raises:
+        UserError: a missing or wrong-kind checkpoint, or sizes that do not agree.
+    """
+    controller, ckpt = load_model(controller_path, "controller")
+    vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
+    check_env(cfg.env)
+    dims = info_input_dims(cfg.env)
+    extra = sum(dims.get(key, 0) for key in controller.info_keys)
+    if controller.in_dim != vision.z_dim + mdnrnn.hidden + extra or not set(controller.info_keys) <= set(dims):
+        raise UserError(
+            f"{controller_path}: controller ({controller.inputs}) takes {controller.in_dim} inputs, but V, M and "
+            f"{cfg.env.id} give z_dim + hidden + info inputs = {vision.z_dim} + {mdnrnn.hidden} + {extra}"
+        )
+    if cfg.evaluate.params == "mean":
+        controller.set_params(ckpt["params_mean"])
+    return vision, mdnrnn, controller, ckpt
+
+
+def play(cfg, vision_path: str, mdnrnn_path: str, controller: LinearController, seeds: list[int]) -> list[dict]:
+    """One full episode of C per seed (no early stop), in evaluate.workers processes: agent_task results."""
+    ec = cfg.evaluate
+    params = controller.get_params()
+    tasks = [{"params": params, "seed": s, "max_steps": ec.max_steps, "early_stop_steps": 0} for s in seeds]
+    steps = ec.max_steps or cfg.env.max_episode_steps
+    with WorkerPool(ec.workers, init_agent_worker, (vision_path, mdnrnn_path, cfg.env, controller.config), agent_task,
+                    cfg.controller.worker_timeout_s, cfg.controller.max_retries,
+                    first_timeout_s=expected_episode_s(cfg.env, steps), task_steps=steps) as pool:
+        return pool.map(tasks, progress="06 evaluate")
+
+
+def score(results: list[dict], seeds: list[int]) -> dict:
+    """Returns, mean, std, min, max, steps and seeds; the success rate where the env reports is_success."""
+    returns = np.array([r["return"] for r in results])
+    scores = {"episodes": len(returns), "mean": float(returns.mean()), "std": float(returns.std()),
+              "min": float(returns.min()), "max": float(returns.max()), "returns": returns.tolist(),
+              "steps": [r["steps"] for r in results], "seeds": seeds}
+    if all(r["success"] is not None for r in results):  # PandaReach: info["is_success"] at each episode's end
+        successes = [bool(r["success"]) for r in results]
+        scores |= {"success_rate": float(np.mean(successes)), "successes": successes}
+    return scores
+
+
+def held_out_frames(cfg, vision_path: str, n: int) -> np.ndarray | None:
+    """n frames uint8 (n, S, S, 3) of V's held-out rollouts (None when the split or the files are gone)."""
+    held_out = read_checkpoint(vision_path).get("split", {}).get("held_out", [])
+    files = [os.path.join(stage_dir(cfg, "rollouts"), f) for f in held_out]
+    files = [f for f in files if os.path.exists(f)]
+    return sample_frames(files, n, cfg.seed) if files and n > 0 else None
+
+
+@torch.inference_mode()
+def goal_marker_visibility(vision, frames: np.ndarray) -> dict:
+    """PandaReach: does z keep the goal? Of held-out frames uint8 (N, S, S, 3), the fraction that show the
+    goal marker, and of those the fraction whose reconstruction decode(mu(frame)) still shows it."""
+    shown = goal_marker_mask(frames).any(axis=(1, 2))
+    recon = to_uint8(vision.reconstruct(frames_to_tensor(frames)))
+    kept = goal_marker_mask(recon).any(axis=(1, 2))
+    return {"frames": len(frames), "in_frames": float(shown.mean()),
+            "in_reconstructions": float(kept[shown].mean()) if shown.any() else 0.0}
+
+
+def compute_fid(cfg, vision, vision_path: str) -> dict:
+    """FID of V's reconstructions and prior samples against evaluate.fid_frames held-out frames, or
+    {"skipped": reason} (the reason is printed)."""
+    reason = fid_unavailable()
+    frames = None if reason else held_out_frames(cfg, vision_path, cfg.evaluate.fid_frames)
+    if frames is None and not reason:
+        reason = "FID skipped: no held-out rollouts on disk (V's split names files under <run_dir>/rollouts)"
+    if reason:
+        print(f"[06] {reason}")
+        return {"skipped": reason}
+    if len(frames) < cfg.evaluate.fid_frames:
+        print(f"[06] FID: only {len(frames)} held-out frames on disk (evaluate.fid_frames={cfg.evaluate.fid_frames})")
+    fid = vision_fid(vision, frames_to_tensor(frames), cfg.seed)
+    print(f"[06] FID over N = {fid['frames']} held-out frames: reconstructions {fid['recon']:.2f}, "
+          f"prior samples {fid['prior']:.2f}")
+    return fid
+
+
+def dream_verdict(cfg, mdnrnn, controller: LinearController) -> dict | None:
+    """C's score in M's dream at controller.temperature from the starts of stage 03's episodes, or None (no
+    latents, or a C reading inputs the dream does not have): for a dream-trained C, the score it believes it
+    has (Ha & Schmidhuber's Doom table); for a real-trained C, whether M's dream recognises a driver at all."""
+    latents = stage_dir(cfg, "latents")
+    if controller.info_keys or not os.path.isdir(latents) or not any(n.endswith(".npz") for n in os.listdir(latents)):
+        return None
+    files = list_episodes(latents, "latents")
+    check_latents(files)
+    ec = cfg.evaluate
+    return dream_score(mdnrnn, start_latents(files), controller.get_params(), controller.low, controller.high,
+                       cfg.controller.temperature, ec.episodes, ec.max_steps or cfg.env.max_episode_steps,
+                       env_seed(cfg.seed, "evaluate", 0))
+
+
+def write_media(cfg, out_dir: str, vision, mdnrnn, controller: LinearController, vision_path: str, seed: int,
+                scores: dict) -> tuple[dict, int]:
+    """episode.gif (replaying the episode of `seed` here), dream.gif for a dream-trained C, reconstructions.png,
+    training_curves.png and, on PandaReach, the goal-marker check (into `scores`). Returns ({caption: file},
+    GIF frame count)."""
+    ec = cfg.evaluate
+    torch.set_num_threads(1)
+    env = make_env(cfg.env)
+    episode = run_episode(env, AgentPolicy(Agent(vision, mdnrnn, controller)), seed, ec.max_steps, record=True)
+    env.close()
+    frames = list(episode.arrays["obs"])
+    n_gif = save_episode_gif(os.path.join(out_dir, "episode.gif"), vision, frames, ec.gif_every, ec.gif_max_frames)
+    media = {f"episode {seed} (return {episode.ret:.1f}): frame | reconstruction": "episode.gif"}
+    if cfg.controller.env == "dream":  # the controller in M's dream beside the same controller on the real track
+        dream = dream_frames(vision, mdnrnn, controller, frames[0], cfg.controller.temperature, len(frames), cfg.seed)
+        save_side_by_side_gif(os.path.join(out_dir, "dream.gif"), frames, dream, ec.gif_every, ec.gif_max_frames)
+        media[f"real episode {seed} | dream from its first frame (tau {cfg.controller.temperature:g}), same C"] = "dream.gif"
+    held = held_out_frames(cfg, vision_path, ec.recon_frames)
+    if held is not None:
+        save_reconstruction_grid(os.path.join(out_dir, "reconstructions.png"), vision, held)
+        media["held-out frames (top) and reconstructions (bottom)"] = "reconstructions.png"
+        if is_panda(cfg.env.id):
+            scores["goal_marker"] = goal_marker_visibility(vision, held_out_frames(cfg, vision_path, GOAL_MARKER_FRAMES))
+            g = scores["goal_marker"]
+            print(f"[06] goal marker: in {100 * g['in_frames']:.0f} % of {g['frames']} held-out frames, kept by V's "
+                  f"reconstruction in {100 * g['in_reconstructions']:.0f} % of those")
+    if plot_training_curves(cfg.run_dir, os.path.join(out_dir, "training_curves.png")):
+        media["training curves: V and M per epoch, C per generation"] = "training_curves.png"
+    return media, n_gif
+
+
+def evaluate_run(cfg, out_dir: str, vision_path: str, mdnrnn_path: str, controller_path: str, loaded: tuple
+                 ) -> tuple[dict, int]:
+    """The whole of stage 06 for one run: scores.json, the media, fid.json and report.md in `out_dir`.
+    `loaded` is what load_evaluated_agent returned for the three paths. Returns (scores, GIF frame count)."""
+    ec = cfg.evaluate
+    vision, mdnrnn, controller, ckpt = loaded
+    seeds = [env_seed(cfg.seed, "evaluate", i) for i in range(ec.episodes)]
+    scores = {"env": cfg.env.id, **score(play(cfg, vision_path, mdnrnn_path, controller, seeds), seeds)}
+    best_generation = (ckpt["best"] or {}).get("generation", ckpt["generation"])
+    scores |= {"params": ec.params, "params_generation": best_generation if ec.params == "best" else ckpt["generation"],
+               "controller": os.path.abspath(controller_path), "inputs": controller.inputs}
+    dream = dream_verdict(cfg, mdnrnn, controller)
+    if dream is not None:
+        scores["dream"] = dream
+    save_json(os.path.join(out_dir, "scores.json"), scores)
+    media, n_gif = write_media(cfg, out_dir, vision, mdnrnn, controller, vision_path, seeds[0], scores)
+    save_json(os.path.join(out_dir, "scores.json"), scores)
+    fid = None
+    if ec.fid_frames > 0:
+        fid = compute_fid(cfg, vision, vision_path)
+        save_json(os.path.join(out_dir, "fid.json"), fid)
+    write_run_report(os.path.join(out_dir, "report.md"), cfg, scores, budget_summary(cfg.run_dir), media, fid)
+    return scores, n_gif
