@@ -57,18 +57,19 @@ def main(argv: list[str] | None = None) -> None:
         dream = (mdnrnn, start_latents(files))
     controller = LinearController.for_world_model(cc.model_config(), vision.z_dim, mdnrnn.hidden, low, high,
                                                   info_input_dims(cfg.env))
-    out_dir = open_stage_dir(cfg, "controller")
-    trainer = ControllerTrainer(cfg, vision_path, mdnrnn_path, controller, out_dir, dream)
+    trainer = ControllerTrainer(cfg, vision_path, mdnrnn_path, controller, stage_dir(cfg, "controller"), dream)
+    state = trainer.load_or_create(args.overwrite)  # a bad resume state stops the stage before anything is written
+    open_stage_dir(cfg, "controller")
     where = f"in the dream (tau {cc.temperature:g}, {len(dream[1])} start latents)" if dream else "in the real env"
     print(f"[05] CMA-ES {where}: C sees {cc.inputs}, {controller.num_params} parameters, population {cc.popsize} x "
           f"{cc.rollouts_per_candidate} rollouts, {cc.generations} generations, {cc.workers} workers")
     start = time.perf_counter()
-    state = trainer.run(overwrite=args.overwrite)
+    state = trainer.run(state)
     history, best = state["history"], state["best"]
     steps = sum(r["env_steps"] for r in history)
     dream_steps = sum(r.get("dream_steps", 0) for r in history)
     write_manifest(
-        out_dir,
+        trainer.out_dir,
         "05_train_controller",
         config_to_dict(cfg),
         {"vision": os.path.abspath(vision_path), "mdnrnn": os.path.abspath(mdnrnn_path)},

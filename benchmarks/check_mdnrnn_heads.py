@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import load_mdnrnn  # noqa: E402
+from models.dream import DONE_THRESHOLD  # noqa: E402
+from utils.checkpoints import load_model  # noqa: E402
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser  # noqa: E402
 from utils.data import LATENT_KEYS, split_episodes  # noqa: E402
-from utils.dream import DONE_THRESHOLD  # noqa: E402
 from utils.io import list_episodes, load_episode  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mdnrnn", help="MDN-RNN checkpoint (default: <run_dir>/mdnrnn/best.pt)")
     args = parser.parse_args(argv)
     cfg = load_stage_config(args)
-    mdnrnn, _ = load_mdnrnn(args.mdnrnn or os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt"))
+    mdnrnn, _ = load_model(args.mdnrnn or os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt"), "memory")
     _, held = split_episodes(list_episodes(stage_dir(cfg, "latents"), "latents"), cfg.mdnrnn.holdout_fraction, cfg.seed)
     columns = {"pred_reward": [], "real_reward": [], "done_prob": [], "real_done": []}
     for path in held:

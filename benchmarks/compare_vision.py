@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import load_vision  # noqa: E402
+from models.likelihood import frames_to_tensor  # noqa: E402
 from models.likelihood import bits_per_dim  # noqa: E402
 from utils.data import sample_frames  # noqa: E402
-from utils.envs import frames_to_tensor  # noqa: E402
+from utils.checkpoints import load_model, read_checkpoint  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def _read_json(path: str) -> dict | None:
 
 def run_row(run_dir: str, frames: np.ndarray) -> dict:
     """Every number of one run's row."""
-    vision, ckpt = load_vision(os.path.join(run_dir, "vision", "best.pt"))
+    vision, ckpt = load_model(os.path.join(run_dir, "vision", "best.pt"), "vision")
     row = {"run": run_dir, "kind": vision.kind, "z_dim": vision.z_dim, "likelihood": vision.likelihood}
     row.update(vision_metrics(vision, frames))
     log_path = os.path.join(run_dir, "vision", "train_log.jsonl")
@@ -96,7 +96,7 @@ def run_row(run_dir: str, frames: np.ndarray) -> dict:
 
 
 def held_out_frames(run_dir: str, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
-    _, ckpt = load_vision(os.path.join(run_dir, "vision", "best.pt"))
+    ckpt = read_checkpoint(os.path.join(run_dir, "vision", "best.pt"))
     names = ckpt.get("split", {}).get("held_out", [])
     if not names:
         raise UserError(f"{run_dir}/vision/best.pt: no held-out split recorded")

@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import load_mdnrnn  # noqa: E402
-from models.controller import LinearController  # noqa: E402
+from models.dream import dream_score  # noqa: E402
+from utils.checkpoints import load_model  # noqa: E402
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser  # noqa: E402
-from utils.dream import dream_score, start_latents  # noqa: E402
-from utils.io import list_episodes, load_checkpoint  # noqa: E402
+from utils.data import start_latents  # noqa: E402
+from utils.io import list_episodes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,14 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_stage_config(args)
     torch.set_num_threads(1)
-    mdnrnn, _ = load_mdnrnn(os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt"))
+    mdnrnn, _ = load_model(os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt"), "memory")
     starts = start_latents(list_episodes(stage_dir(cfg, "latents"), "latents"))
-    ckpt = load_checkpoint(args.controller, "controller")
-    c = LinearController(**ckpt["hparams"])
+    c, _ = load_model(args.controller, "controller")
     print(f"M: {stage_dir(cfg, 'mdnrnn')}/best.pt, {len(starts)} start latents, {args.episodes} dream episodes "
           f"of <= {cfg.env.max_episode_steps} steps per row")
     for tau in args.taus:
-        for name, params in (("controller", ckpt["params_best"]), ("zero controller", np.zeros(c.num_params))):
+        for name, params in (("controller", c.get_params()), ("zero controller", np.zeros(c.num_params))):
             d = dream_score(mdnrnn, starts, params, c.low, c.high, tau, args.episodes, cfg.env.max_episode_steps,
                             cfg.seed)
             print(f"tau {tau:g}  {name:16s} {d['mean']:8.1f} +- {d['std']:.1f}  (mean length {d['mean_length']:.0f})")

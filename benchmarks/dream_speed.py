@@ -7,7 +7,7 @@ Both on the same cores, in one run:
 
 - real:  CarRacing-v3 with uniform random actions in `--workers` processes
          (benchmarks/throughput.py's raw measurement, 2 episodes per worker);
-- dream: utils.dream.dream_returns with `--batch` linear controllers (a CMA-ES
+- dream: models.dream.dream_returns with `--batch` linear controllers (a CMA-ES
          population times its rollouts per candidate) stepped together through
          an MDN-RNN of the real size (z 32, 256 units, 5 Gaussians), torch on
          `--workers` threads. M is untrained (speed does not depend on its
@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.mdnrnn import MDNRNN  # noqa: E402
-from throughput import init_raw_worker, measure, raw_task  # noqa: E402  (benchmarks/ is the script's folder)
+from models.dream import dream_returns  # noqa: E402
+from models.mdnrnn import MDNRNN, MDNRNNConfig  # noqa: E402
+from throughput import init_random_worker, measure, random_task  # noqa: E402  (benchmarks/ is the script's folder)
 from utils.config import EnvConfig  # noqa: E402
-from utils.dream import dream_returns  # noqa: E402
 from utils.parallel import WorkerPool  # noqa: E402
 
 LOW, HIGH = np.array([-1.0, 0.0, 0.0], np.float32), np.array([1.0, 1.0, 1.0], np.float32)
@@ -41,7 +41,7 @@ def dream_rate(batch: int, steps: int, threads: int) -> float:
     """Dream env steps per second of one batched rollout of `batch` episodes x `steps` steps."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    m = MDNRNN(32, 3, 256, 5).eval()
+    m = MDNRNN(MDNRNNConfig(hidden=256, gaussians=5), z_dim=32, action_dim=3).eval()
     with torch.no_grad():
         m.done_head.bias.fill_(-20.0)
     rng = np.random.default_rng(0)
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     env_cfg = EnvConfig(max_episode_steps=args.steps)
     tasks = [{"seed": 20_000 + i, "max_steps": args.steps} for i in range(2 * args.workers)]
-    with WorkerPool(args.workers, init_raw_worker, (env_cfg,), raw_task) as pool:
+    with WorkerPool(args.workers, init_random_worker, (env_cfg,), random_task) as pool:
         real = measure(pool, tasks)
     dream = dream_rate(args.batch, args.steps, args.workers)
     print(f"same {args.workers} cores: real CarRacing-v3 in {args.workers} processes, dream batch {args.batch} x {args.steps} steps")

@@ -22,22 +22,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser  # noqa: E402
-from utils.envs import RandomPolicy, make_env  # noqa: E402
+from utils.envs import make_env  # noqa: E402
+from utils.episodes import RandomPolicy, run_episode  # noqa: E402
 from utils.io import save_json  # noqa: E402
 from utils.report import RANDOM_POLICY_FILE  # noqa: E402
 from utils.seeding import env_seed  # noqa: E402
-
-
-def random_episode(env, kind: str, seed: int, dt: float) -> tuple[float, int, bool | None]:
-    """(return, steps, info["is_success"] at the end or None) of one random-policy episode."""
-    env.reset(seed=seed)
-    policy = RandomPolicy(kind, env.action_space, np.random.default_rng(seed), dt)
-    total, steps, info = 0.0, 0, {}
-    terminated = truncated = False
-    while not (terminated or truncated):
-        _, reward, terminated, truncated, info = env.step(policy())
-        total, steps = total + float(reward), steps + 1
-    return total, steps, (bool(info["is_success"]) if "is_success" in info else None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,15 +39,16 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [env_seed(cfg.seed, "evaluate", i) for i in range(episodes)]
     env = make_env(cfg.env, pixels=False)
     start = time.perf_counter()
-    results = [random_episode(env, args.policy, s, cfg.rollouts.brownian_dt) for s in seeds]
+    policy = RandomPolicy(args.policy, env.action_space, cfg.rollouts.brownian_dt)
+    results = [run_episode(env, policy, s) for s in seeds]
     env.close()
-    returns = np.array([r[0] for r in results])
+    returns = np.array([r.ret for r in results])
     scores = {"env": cfg.env.id, "policy": args.policy, "episodes": episodes, "mean": float(returns.mean()),
-              "std": float(returns.std()), "returns": returns.tolist(), "steps": [r[1] for r in results],
+              "std": float(returns.std()), "returns": returns.tolist(), "steps": [r.steps for r in results],
               "seeds": seeds, "seconds": time.perf_counter() - start}
     line = f"random policy ({args.policy}) on {cfg.env.id}: {scores['mean']:.2f} +- {scores['std']:.2f}"
-    if all(r[2] is not None for r in results):
-        successes = [r[2] for r in results]
+    if all(r.success is not None for r in results):
+        successes = [r.success for r in results]
         scores |= {"success_rate": float(np.mean(successes)), "successes": successes}
         line += f", success {100 * scores['success_rate']:.0f} %"
     out_dir = stage_dir(cfg, "eval")

@@ -46,9 +46,9 @@ def link_tree(src: str, dst: str) -> None:
                 os.link(os.path.join(folder, name), os.path.join(target, name))
 
 
-def run(script: str, config: str, sets: list[str]) -> None:
+def run(script: str, config: list[str], sets: list[str]) -> None:
     """Run a stage script, streaming its output; a failure stops the sweep with the stage's exit code."""
-    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--config", config, "--set", *sets]
+    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--config", *config, "--set", *sets]
     print("$", " ".join(cmd), flush=True)
     code = subprocess.call(cmd, cwd=ROOT)
     if code:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_stage_config(args)
     if cfg.controller.env != "dream":
-        raise UserError(f"{args.config}: controller.env must be dream for a temperature sweep, got {cfg.controller.env}")
+        raise UserError(f"{' + '.join(args.config)}: controller.env must be dream for a temperature sweep, got {cfg.controller.env}")
     for name in UPSTREAM:
         if not os.path.isdir(os.path.join(args.source, name)):
             raise UserError(f"{args.source}/{name}: folder not found; --from needs a run finished through stage 04")
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         sets = [*args.set, f"run_dir={run_dir}", f"controller.temperature={tau:g}"]
         run("05_train_controller", args.config, sets)
         scores = os.path.join(run_dir, "eval", "scores.json")
-        # cmaes_state.pkl changes only when a generation ends (a resume with nothing to do rewrites controller.pt)
-        state = os.path.join(run_dir, "controller", "cmaes_state.pkl")
+        # cmaes_state.npz changes only when a generation ends (a resume with nothing to do rewrites controller.pt)
+        state = os.path.join(run_dir, "controller", "cmaes_state.npz")
         if not (os.path.exists(scores) and os.path.getmtime(scores) > os.path.getmtime(state)):
             run("06_evaluate", args.config, sets)
         rows.append(sweep_row(run_dir))

@@ -3,10 +3,11 @@
 
     python benchmarks/throughput.py [--workers 2] [--episodes 4] [--steps 1000]
 
-Three measurements, each with `--workers` processes playing `--episodes`
+Three measurements, all through the one episode loop (utils/episodes.py), each with `--workers` processes playing `--episodes`
 episodes of `--steps` steps on the same env seeds:
 
-- raw:  CarRacing-v3 stepped with uniform random actions, nothing else;
+- raw:  CarRacing-v3 (gym.make, no frame wrapper) stepped with uniform random
+        actions, nothing else;
 - 01:   stage 01's task (random policy, frame preprocessing, npz written);
 - 05:   stage 05's task (V encode, C, M update every step) with a conv VAE
         (z 32) and an MDN-RNN (256 units) of the real sizes.
@@ -27,29 +28,27 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import vision_checkpoint  # noqa: E402
-from models.mdnrnn import MDNRNN  # noqa: E402
-from models.vae import ConvVAE  # noqa: E402
+import gymnasium as gym  # noqa: E402
+
+from models.controller import LinearControllerConfig  # noqa: E402
+from models.mdnrnn import MDNRNN, MDNRNNConfig  # noqa: E402
+from models.vae import ConvVAE, VAEConfig  # noqa: E402
+from utils.checkpoints import save_model  # noqa: E402
 from utils.config import EnvConfig, RolloutsConfig  # noqa: E402
-from utils.envs import make_env  # noqa: E402
-from utils.io import save_torch  # noqa: E402
+from utils.episodes import (RandomPolicy, agent_task, init_agent_worker, init_recorder, record_task,  # noqa: E402
+                            run_episode)
 from utils.parallel import WorkerPool  # noqa: E402
-from utils.rollout import agent_task, init_agent_worker, init_rollout_worker, rollout_task  # noqa: E402
 
 
-def init_raw_worker(env_cfg: EnvConfig) -> dict:
-    return {"env": make_env(env_cfg)}
+def init_random_worker(env_cfg: EnvConfig) -> dict:
+    """The raw env (gym.make, no frame wrapper) with uniform random actions."""
+    env = gym.make(env_cfg.id, max_episode_steps=env_cfg.max_episode_steps)
+    return {"env": env, "policy": RandomPolicy("uniform", env.action_space)}
 
 
-def raw_task(state: dict, task: dict) -> dict:
-    env = state["env"]
-    env.reset(seed=task["seed"])
-    env.action_space.seed(task["seed"])
-    for t in range(task["max_steps"]):
-        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
-        if terminated or truncated:
-            break
-    return {"steps": t + 1}
+def random_task(state: dict, task: dict) -> dict:
+    episode = run_episode(state["env"], state["policy"], task["seed"], task["max_steps"])
+    return {"steps": episode.steps}
 
 
 def measure(pool: WorkerPool, tasks: list) -> float:
@@ -69,20 +68,20 @@ def main() -> None:
     seeds = [10_000 + i for i in range(args.episodes)]
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
-        with WorkerPool(args.workers, init_raw_worker, (env_cfg,), raw_task) as pool:
+        with WorkerPool(args.workers, init_random_worker, (env_cfg,), random_task) as pool:
             rates["raw"] = measure(pool, [{"seed": s, "max_steps": args.steps} for s in seeds])
 
         ro_cfg = RolloutsConfig(policy="uniform", max_steps=args.steps)
-        with WorkerPool(args.workers, init_rollout_worker, (env_cfg, ro_cfg, tmp), rollout_task) as pool:
+        with WorkerPool(args.workers, init_recorder, (env_cfg, ro_cfg, tmp), record_task) as pool:
             rates["01"] = measure(pool, list(enumerate(seeds)))
 
         vision_path, mdnrnn_path = os.path.join(tmp, "vision.pt"), os.path.join(tmp, "mdnrnn.pt")
-        save_torch(vision_path, vision_checkpoint(ConvVAE(z_dim=32)))
-        m = MDNRNN(32, 3, 256, 5)
-        save_torch(mdnrnn_path, {"kind": "mdnrnn", "hparams": m.hparams(), "state_dict": m.state_dict()})
+        save_model(vision_path, ConvVAE(VAEConfig(z_dim=32)))
+        save_model(mdnrnn_path, MDNRNN(MDNRNNConfig(hidden=256, gaussians=5), z_dim=32, action_dim=3))
         params = np.random.default_rng(0).normal(scale=0.1, size=3 * (32 + 256 + 1)).astype(np.float32)
         tasks = [{"params": params, "seed": s, "max_steps": args.steps, "early_stop_steps": 0} for s in seeds]
-        with WorkerPool(args.workers, init_agent_worker, (vision_path, mdnrnn_path, env_cfg), agent_task) as pool:
+        agent_args = (vision_path, mdnrnn_path, env_cfg, LinearControllerConfig())
+        with WorkerPool(args.workers, init_agent_worker, agent_args, agent_task) as pool:
             rates["05"] = measure(pool, tasks)
 
     print(f"CarRacing-v3, {args.workers} worker processes, {args.episodes} episodes x up to {args.steps} steps each")

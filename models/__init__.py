@@ -65,7 +65,7 @@ def from_checkpoint_dict(ckpt: dict, family: str):
         raise ValueError(f"checkpoint of kind {kind!r}, expected a {family} checkpoint ({', '.join(kinds)})")
     cls = kinds[kind]
     try:
-        config = config_from_dict(cls.config_class, ckpt["config"], f"{kind} config")
+        config = config_from_dict(cls.config_class, ckpt["config"], f"{kind} config.")
         model = cls(config, **ckpt["sizes"])
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, TypeError) as exc:

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import math
 import typing
-from typing import Any
+from typing import Any, Callable
 
 
 def param(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -51,28 +51,39 @@ def check_value(f: dataclasses.Field, value: Any) -> str | None:
     return None
 
 
-def config_from_dict(cls: type, data: dict, where: str = "config") -> Any:
-    """Rebuild dataclass `cls` (nested dataclasses included) from `dataclasses.asdict` output.
+def config_from_dict(cls: type, data: Any, prefix: str = "", coerce: Callable | None = None,
+                     renamed: dict[str, str] | None = None) -> Any:
+    """Build dataclass `cls` (nested dataclasses included) from a plain mapping such as `dataclasses.asdict`
+    output or a YAML section, checking every key and value.
+
+    Args:
+        prefix: the dotted path of `data` in the messages ("vision.").
+        coerce: optional (value, annotation, dotted key) -> value, for readers whose values need converting
+            (YAML's "1e-3" for a float); raises ValueError for a wrong type.
+        renamed: {old dotted key: what replaced it}, to tell a user the new name.
 
     Raises:
-        ValueError: `data` is not a mapping, has a key `cls` does not know, or a value outside a field's
-            choices or bounds (the message names `where` and the key).
+        ValueError: "'<section>' must be a mapping", "key '<dotted>' was renamed to ...", "unknown key
+            '<dotted>' (expected one of: ...)", or "key '<dotted>': <what was expected>".
     """
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ValueError(f"'{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if renamed and dotted in renamed:
+            raise ValueError(f"key '{dotted}' was renamed to {renamed[dotted]}")
         if key not in fields:
-            raise ValueError(f"{where}: unknown key {key!r} (expected one of: {', '.join(fields)})")
+            raise ValueError(f"unknown key '{dotted}' (expected one of: {', '.join(sorted(fields))})")
         if dataclasses.is_dataclass(hints[key]):
-            value = config_from_dict(hints[key], value, f"{where}.{key}")
-        else:
-            problem = check_value(fields[key], value)
-            if problem:
-                raise ValueError(f"{where}.{key}: {problem}")
-        kwargs[key] = value
+            kwargs[key] = config_from_dict(hints[key], value, f"{dotted}.", coerce, renamed)
+            continue
+        kwargs[key] = coerce(value, hints[key], dotted) if coerce else value
+        problem = check_value(fields[key], kwargs[key])
+        if problem:
+            raise ValueError(f"key '{dotted}': {problem}")
     return cls(**kwargs)
 
 

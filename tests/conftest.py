@@ -26,9 +26,9 @@ TINY = {
     "seed": 7,
     "env": {"id": "CarRacing-v3", "frame_size": 64, "max_episode_steps": 1000},
     "rollouts": {"episodes": 3, "max_steps": 40, "workers": 2},
-    "vision": {"z_dim": 8, "epochs": 1, "batch_size": 16, "val_frames": 32, "workers": 1},
+    "vision": {"z_dim": 8, "epochs": 1, "batch_size": 16, "val_frames": 32, "threads": 1},
     "latents": {"batch_size": 64},
-    "mdnrnn": {"hidden": 16, "gaussians": 3, "seq_len": 8, "batch_size": 4, "epochs": 1, "workers": 1},
+    "mdnrnn": {"hidden": 16, "gaussians": 3, "seq_len": 8, "batch_size": 4, "epochs": 1, "threads": 1},
     "controller": {
         "popsize": 4, "rollouts_per_candidate": 1, "generations": 2, "max_steps": 30,
         "early_stop_steps": 20, "eval_every": 2, "eval_episodes": 1, "workers": 2,
@@ -89,7 +89,7 @@ def tiny_run(tmp_path_factory):
 
 
 NVAE_TINY = {  # the paper's options on: the logistic mixture likelihood and a posterior flow
-    "kind": "nvae", "z_dim": 16, "epochs": 1, "batch_size": 16, "val_frames": 16, "workers": 1,
+    "kind": "nvae", "z_dim": 16, "epochs": 1, "batch_size": 16, "val_frames": 16, "threads": 1,
     "likelihood": "logistic_mixture", "mixtures": 2,
     "nvae": {"channels": 4, "preprocess_blocks": 2, "latent_scales": 3, "groups_per_scale": 1, "latent_channels": 1,
              "num_flows": 1},

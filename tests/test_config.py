@@ -7,20 +7,24 @@ from utils.config import Config, config_from_dict, dump_config, load_config
 from utils.errors import UserError
 
 
-def write(tmp_path, data):
-    path = tmp_path / "exp.yaml"
+def write(tmp_path, data, name="exp.yaml"):
+    """A config file holding `data` (with a run_dir, unless `data` sets one or is not a mapping)."""
+    if isinstance(data, dict):
+        data = {"run_dir": str(tmp_path / "run"), **data}
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
     return str(path)
 
 
 def test_defaults_and_shipped_configs_load():
-    from models import build_vision
+    from utils.training import build_model
 
     for name in ("smoke", "carracing_vae", "carracing_vae_paper", "carracing_nvae", "carracing_nvae_paper",
                  "carracing_dream_vae", "carracing_dream_nvae"):
         cfg = load_config(f"configs/{name}.yaml")
-        assert isinstance(cfg, Config) and cfg.env.id == "CarRacing-v3"
-        assert build_vision(cfg).z_dim == cfg.vision.z_dim == (64 if name == "carracing_nvae_paper" else 32)
+        assert isinstance(cfg, Config) and cfg.env.id == "CarRacing-v3" and cfg.run_dir == f"runs/{name}"
+        v = build_model("vision", cfg.vision.kind, cfg.vision.model_config(), frame_size=cfg.env.frame_size)
+        assert v.z_dim == cfg.vision.z_dim == (64 if name == "carracing_nvae_paper" else 32)
     assert load_config("configs/carracing_vae_paper.yaml").rollouts.episodes == 10_000
     paper = load_config("configs/carracing_nvae_paper.yaml").vision  # the thesis's Table 4
     assert (paper.nvae.channels, paper.nvae.num_flows, paper.nvae.spectral_lambda, paper.epochs) == (20, 2, 0.1, 1000)
@@ -66,19 +70,19 @@ def test_overrides_typed_and_checked(tmp_path):
 
 def test_bool_is_not_an_int():
     with pytest.raises(UserError, match="expected int"):
-        config_from_dict({"seed": True})
+        config_from_dict({"run_dir": "r", "seed": True})
 
 
 def test_resolved_config_round_trips():
-    cfg = config_from_dict({"vision": {"z_dim": 12}}, overrides=["seed=5"])
+    cfg = config_from_dict({"run_dir": "r", "vision": {"z_dim": 12}}, overrides=["seed=5"])
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
 
 
 def test_ranges_and_shapes_are_checked(tmp_path):
-    with pytest.raises(UserError, match=r"key 'controller.eval_every': expected a value > 0, got 0"):
+    with pytest.raises(UserError, match=r"key 'controller.eval_every': expected a value >= 1, got 0"):
         load_config(write(tmp_path, {"controller": {"eval_every": 0}}))
-    with pytest.raises(UserError, match=r"key 'vision.holdout_fraction': expected a fraction"):
+    with pytest.raises(UserError, match=r"key 'vision.holdout_fraction': expected a value < 1"):
         load_config(write(tmp_path, {"vision": {"holdout_fraction": 1.5}}))
     with pytest.raises(UserError, match="expected a mapping of sections at the top, got list"):
         load_config(write(tmp_path, [1, 2]))
@@ -106,3 +110,79 @@ def test_repeated_set_flags_accumulate():
     argv = ["--config", "configs/smoke.yaml", "--set", "vision.epochs=2", "--set", "controller.popsize=8", "mdnrnn.epochs=3"]
     cfg = load_stage_config(stage_parser("test").parse_args(argv))
     assert (cfg.vision.epochs, cfg.controller.popsize, cfg.mdnrnn.epochs) == (2, 8, 3)
+
+
+@pytest.mark.parametrize("value", ["1e400", ".nan", "-.inf"])
+def test_numbers_must_be_finite(tmp_path, value):
+    with pytest.raises(UserError, match=r"key 'vision.lr': expected a finite number"):
+        load_config(write(tmp_path, {}), [f"vision.lr={value}"])
+
+
+def test_empty_file_missing_run_dir_and_renamed_keys(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(UserError, match="empty.yaml: the config file is empty"):
+        load_config(str(empty))
+    with pytest.raises(UserError, match="key 'run_dir' is required"):
+        load_config(write(tmp_path, {"run_dir": ""}))
+    with pytest.raises(UserError, match="key 'vision.workers' was renamed to vision.threads"):
+        load_config(write(tmp_path, {"vision": {"workers": 2}}))
+    with pytest.raises(UserError, match=r"key 'controller.popsize': expected a value >= 2, got 1"):
+        load_config(write(tmp_path, {"controller": {"popsize": 1}}))
+
+
+def test_blocks_compose_left_to_right_and_through_base(tmp_path):
+    base = write(tmp_path, {"seed": 1, "vision": {"z_dim": 16, "epochs": 3}}, "base.yaml")
+    block = write(tmp_path, {"vision": {"epochs": 5}, "controller": {"env": "dream"}}, "block.yaml")
+    cfg = load_config([base, block], ["seed=2"])
+    assert (cfg.seed, cfg.vision.z_dim, cfg.vision.epochs, cfg.controller.env) == (2, 16, 5, "dream")
+    child = write(tmp_path, {"base": ["base.yaml", "block.yaml"], "vision": {"epochs": 7}}, "child.yaml")
+    assert load_config(child).vision.epochs == 7 and load_config(child).vision.z_dim == 16
+    loop = write(tmp_path, {"base": "loop.yaml"}, "loop.yaml")
+    with pytest.raises(UserError, match="'base' includes itself"):
+        load_config(loop)
+
+
+def test_the_dream_and_nvae_configs_are_their_differences():
+    """carracing_dream_vae = carracing_vae + blocks/dream.yaml; carracing_nvae = carracing_vae + blocks/nvae.yaml."""
+    import dataclasses
+
+    vae = load_config("configs/carracing_vae.yaml")
+    dream = load_config("configs/carracing_dream_vae.yaml")
+    assert dream == load_config(["configs/carracing_vae.yaml", "configs/blocks/dream.yaml"],
+                                ["run_dir=runs/carracing_dream_vae"])
+    assert dataclasses.replace(dream, run_dir=vae.run_dir, controller=vae.controller) == vae
+    assert (dream.controller.env, dream.controller.temperature) == ("dream", 1.15)
+    nvae = load_config("configs/carracing_nvae.yaml")
+    assert dataclasses.replace(nvae, run_dir=vae.run_dir, vision=vae.vision) == vae and nvae.vision.kind == "nvae"
+    for name in ("carracing_dream_vae", "carracing_nvae", "carracing_dream_nvae"):
+        keys = [line for line in open(f"configs/{name}.yaml") if line.strip() and not line.startswith("#")]
+        assert len(keys) <= 3, f"configs/{name}.yaml should hold only its differences: {keys}"
+
+
+def test_help_config_lists_every_key():
+    import dataclasses
+    import subprocess
+    import sys
+    import typing
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "02_train_nvae.py", "--help-config"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+    def keys(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from keys(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    listed = {line.split(":")[0].strip() for line in proc.stdout.splitlines() if line.startswith("  ") and ": " in line
+              and not line.startswith("      ")}
+    expected = set(keys(Config))
+    assert expected <= listed, sorted(expected - listed)
+    assert "  vision.kind: str = 'vae'  [vae | nvae]" in proc.stdout  # allowed values from models.VISION_KINDS
+    assert "  controller.popsize: int = 16  [>= 2]" in proc.stdout

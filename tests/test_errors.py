@@ -65,7 +65,7 @@ def test_checkpoint_of_the_wrong_kind(tiny_run):
                       "mdnrnn/best.pt", "kind 'mdnrnn'")
     vision = os.path.join(run_dir, "vision", "best.pt")
     assert_user_error(run_script("06_evaluate", tiny_run["config"], "--controller", vision),
-                      "vision/best.pt", "expected one of ('controller',)")
+                      "vision/best.pt", "expected a controller checkpoint")
     assert snapshot(run_dir) == before
 
 

@@ -5,8 +5,8 @@ import torch
 from torch import distributions as D
 
 from models.likelihood import bits_per_dim, output_channels, pixel_mean, reconstruction_nll
-from models.nvae import NVAE
-from models.vae import ConvVAE
+from models.nvae import NVAE, NVAEConfig, NVAEOptions
+from models.vae import ConvVAE, VAEConfig
 
 
 def test_gaussian_nll_matches_normal_log_prob():
@@ -90,11 +90,11 @@ def test_logistic_mixture_mean_and_bits_per_dim():
 def test_both_vision_kinds_take_the_logistic_mixture(kind):
     torch.manual_seed(0)
     if kind == "vae":
-        model, size = ConvVAE(z_dim=8, likelihood="logistic_mixture", mixtures=4), 64
+        model, size = ConvVAE(VAEConfig(z_dim=8, likelihood="logistic_mixture", mixtures=4)), 64
     else:
         size = 32
-        model = NVAE(z_dim=128, frame_size=32, channels=4, preprocess_blocks=1, latent_scales=2,
-                     groups_per_scale=1, likelihood="logistic_mixture", mixtures=4)
+        options = NVAEOptions(channels=4, preprocess_blocks=1, latent_scales=2, groups_per_scale=1)
+        model = NVAE(NVAEConfig(z_dim=128, likelihood="logistic_mixture", mixtures=4, nvae=options), frame_size=32)
     x = torch.randint(0, 256, (2, 3, size, size)).float() / 255
     terms = model.loss(x)
     assert torch.isfinite(terms["loss"]) and terms["recon"] > 0  # a discrete -log P is non-negative

@@ -7,13 +7,15 @@ import pytest
 import torch
 from torch import distributions as D
 
-from models import load_mdnrnn, load_vision, load_world_model, vision_checkpoint
-from models.controller import LinearController
-from models.mdnrnn import MDNRNN, MixtureParams, mdn_nll, mdn_sample, mdnrnn_loss
-from models.vae import ConvVAE, gaussian_kl
+from models.controller import LinearController, LinearControllerConfig, batched_actions, squash_to_bounds
+from models.mdnrnn import MDNRNN, MDNRNNConfig, MixtureParams, mdn_nll, mdn_sample, mdnrnn_loss
+from models.vae import ConvVAE, VAEConfig, gaussian_kl
+from utils.checkpoints import load_model, load_world_model, save_model
 from utils.errors import UserError
-from utils.envs import squash_to_bounds
-from utils.io import save_torch
+
+
+def mdnrnn(z_dim, action_dim, hidden=16, gaussians=5):
+    return MDNRNN(MDNRNNConfig(hidden=hidden, gaussians=gaussians), z_dim=z_dim, action_dim=action_dim)
 
 
 def test_gaussian_kl_matches_torch_distributions():
@@ -50,7 +52,7 @@ def test_mdn_sample_low_temperature_is_the_likely_mean():
 
 
 def test_vae_shapes_and_loss_terms():
-    vae = ConvVAE(z_dim=32)
+    vae = ConvVAE(VAEConfig(z_dim=32))
     x = torch.rand(4, 3, 64, 64)
     mu, logvar = vae.encode(x)
     assert mu.shape == logvar.shape == (4, 32)
@@ -65,12 +67,12 @@ def test_vae_shapes_and_loss_terms():
 
 def test_vae_rejects_other_frame_sizes():
     with pytest.raises(ValueError, match="64x64"):
-        ConvVAE(frame_size=84)
+        ConvVAE(VAEConfig(), frame_size=84)
 
 
 def test_mdnrnn_shapes_and_step_matches_sequence():
     torch.manual_seed(0)
-    m = MDNRNN(z_dim=6, action_dim=3, hidden=16, gaussians=5).eval()
+    m = mdnrnn(6, 3).eval()
     z, a = torch.randn(2, 4, 6), torch.randn(2, 4, 3)
     params, reward, done, state = m(z, a)
     assert params.mu.shape == (2, 4, 6, 5) and reward.shape == done.shape == (2, 4)
@@ -87,23 +89,30 @@ def test_mdnrnn_shapes_and_step_matches_sequence():
     torch.testing.assert_close(s2[0], state[0])
 
 
-def test_mdnrnn_loss_masks_padding():
+def test_mdnrnn_loss_ignores_whatever_the_padding_holds():
+    """Two batches that differ only where the masks say padding give the same loss, term by term."""
     torch.manual_seed(0)
-    m = MDNRNN(z_dim=4, action_dim=2, hidden=8, gaussians=2)
-    z, a = torch.randn(1, 5, 4), torch.randn(1, 4, 2)
-    r, d = torch.randn(1, 4), torch.zeros(1, 4)
-    ones = torch.ones(1, 4)
-    full = mdnrnn_loss(m, z, a, r, d, ones, ones)
-    z_bad = z.clone()
-    z_bad[0, -1] = 1e6  # padding target: must be ignored when masked
-    masked = mdnrnn_loss(m, z_bad, a, r, d, torch.tensor([[1.0, 1, 1, 0]]), ones)
-    assert torch.isfinite(masked["loss"])
-    assert masked["nll"].item() != pytest.approx(full["nll"].item())
+    m = mdnrnn(4, 2, hidden=8, gaussians=2)
+    z, a = torch.randn(2, 6, 4), torch.randn(2, 5, 2)
+    r, d = torch.randn(2, 5), torch.zeros(2, 5)
+    next_valid = torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 0, 0, 0]])  # row 1: 3 real steps, z_3 is its last frame
+    step_valid = torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    z2, a2, r2, d2 = z.clone(), a.clone(), r.clone(), d.clone()
+    z2[1, 3:] = 1e3  # padded latents (targets and inputs after the episode's end)
+    a2[1, 3:] = -7.0
+    r2[1, 3:] = 50.0
+    d2[1, 3:] = 1.0
+    clean = mdnrnn_loss(m, z, a, r, d, next_valid, step_valid)
+    padded = mdnrnn_loss(m, z2, a2, r2, d2, next_valid, step_valid)
+    for key in ("loss", "nll", "reward_mse", "done_bce"):
+        torch.testing.assert_close(padded[key], clean[key])
+    unmasked = mdnrnn_loss(m, z2, a2, r2, d2, torch.ones(2, 5), torch.ones(2, 5))
+    assert unmasked["loss"] > clean["loss"] + 100  # the test can fail: without the masks the padding counts
 
 
 def test_controller_parameter_count_and_bounds():
     low, high = np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32)
-    c = LinearController(32 + 256, low, high)
+    c = LinearController(LinearControllerConfig(), 32 + 256, low, high)
     assert c.num_params == 867  # Ha & Schmidhuber's CarRacing controller
     params = np.random.default_rng(0).normal(scale=10, size=867)
     c.set_params(params)
@@ -122,27 +131,40 @@ def test_squash_numpy_and_torch_agree():
     assert squash_to_bounds(np.zeros(3, np.float32), low, high).tolist() == [0.0, 0.5, 0.5]
 
 
+def test_batched_actions_equal_one_controller_per_row():
+    low, high = np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32)
+    rng = np.random.default_rng(1)
+    params = torch.from_numpy(rng.normal(size=(5, 3 * (7 + 1))).astype(np.float32))
+    x = torch.randn(5, 7)
+    rows = []
+    for i in range(5):
+        c = LinearController(LinearControllerConfig(), 7, low, high)
+        c.set_params(params[i].numpy())
+        rows.append(c(x[i : i + 1, :4], x[i : i + 1, 4:]))
+    torch.testing.assert_close(batched_actions(params, x, low, high), torch.cat(rows))
+
+
 def test_vision_save_load_round_trip(tmp_path):
-    vae = ConvVAE(z_dim=8, kl_tolerance=0.0).eval()
+    vae = ConvVAE(VAEConfig(z_dim=8, kl_tolerance=0.0)).eval()
     path = str(tmp_path / "v.pt")
-    save_torch(path, vision_checkpoint(vae, step=3))
-    loaded, ckpt = load_vision(path)
-    assert ckpt["step"] == 3 and loaded.z_dim == 8 and loaded.kl_tolerance == 0.0
+    save_model(path, vae, step=3)
+    loaded, ckpt = load_model(path, "vision")
+    assert ckpt["step"] == 3 and loaded.z_dim == 8 and loaded.config == vae.config
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(loaded.encode(x), vae.encode(x))
 
 
 def test_mdnrnn_round_trip_and_wrong_kind(tmp_path):
-    m = MDNRNN(z_dim=8, action_dim=3, hidden=16).eval()
+    m = mdnrnn(8, 3).eval()
     path = str(tmp_path / "m.pt")
-    save_torch(path, {"kind": "mdnrnn", "hparams": m.hparams(), "state_dict": m.state_dict()})
-    loaded, _ = load_mdnrnn(path)
+    save_model(path, m)
+    loaded, _ = load_model(path, "memory")
     z, a = torch.randn(1, 2, 8), torch.randn(1, 2, 3)
     torch.testing.assert_close(loaded(z, a)[0].mu, m(z, a)[0].mu)
-    with pytest.raises(UserError, match=r"m.pt: checkpoint of kind 'mdnrnn', expected one of \('vae', 'nvae'\)"):
-        load_vision(path)
+    with pytest.raises(UserError, match=r"m.pt: checkpoint of kind 'mdnrnn', expected a vision checkpoint \(vae, nvae\)"):
+        load_model(path, "vision")
     vpath = str(tmp_path / "v.pt")
-    save_torch(vpath, vision_checkpoint(ConvVAE(z_dim=4)))
+    save_model(vpath, ConvVAE(VAEConfig(z_dim=4)))
     with pytest.raises(UserError, match="MDN-RNN trained on z_dim=8"):
         load_world_model(vpath, path)
 
@@ -151,3 +173,34 @@ def test_kl_closed_form_value():
     # KL(N(1, e^0) || N(0, 1)) = 0.5 per dimension
     assert gaussian_kl(torch.ones(1, 4), torch.zeros(1, 4)).item() == pytest.approx(2.0)
     assert math.isclose(gaussian_kl(torch.zeros(1, 1), torch.log(torch.tensor([[4.0]]))).item(), 0.5 * (4 - math.log(4) - 1), rel_tol=1e-6)
+
+
+class CreatesAFile:
+    """Unpickling this creates a file: what a crafted checkpoint would do if torch.load ran it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = str(tmp_path / "best.pt")
+    vae = ConvVAE(VAEConfig(z_dim=4))
+    torch.save({"kind": "vae", "config": {"z_dim": 4}, "sizes": {"frame_size": 64}, "state_dict": vae.state_dict(),
+                "payload": CreatesAFile(str(marker))}, path)
+    with pytest.raises(UserError, match="best.pt: refused.*objects other than tensors and plain types"):
+        load_model(path, "vision")
+    assert not marker.exists()
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    vae = ConvVAE(VAEConfig(z_dim=4))
+    with torch.no_grad():
+        vae.to_mu.weight[0, 0] = float("nan")
+    path = tmp_path / "best.pt"
+    with pytest.raises(UserError, match="not written: the weights of vae hold NaN or inf"):
+        save_model(str(path), vae)
+    assert not path.exists() and list(tmp_path.iterdir()) == []  # no temporary file left behind either

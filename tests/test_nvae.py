@@ -5,12 +5,17 @@ import pytest
 import torch
 from torch import distributions as D
 
-from models import build_vision, load_vision, vision_checkpoint
-from models.nvae import NVAE, AutoregressiveFlow, free_nats_top, kl_balance_term, kl_warmup_coeff, residual_normal_kl
+from models.nvae import (NVAE, AutoregressiveFlow, NVAEConfig, NVAEOptions, free_nats_top, kl_balance_term,
+                         kl_warmup_coeff, residual_normal_kl)
+from utils.checkpoints import load_model, save_model
 from utils.config import config_from_dict
 from utils.errors import UserError
-from utils.io import save_torch
-from utils.training import guarded_step
+from utils.training import build_model, guarded_step
+
+
+def nvae(frame_size: int = 64, z_dim: int = 32, kl_tolerance: float = 0.0, **options) -> NVAE:
+    """An NVAE from flat keyword arguments: V's shared hyperparameters plus NVAEOptions."""
+    return NVAE(NVAEConfig(z_dim=z_dim, kl_tolerance=kl_tolerance, nvae=NVAEOptions(**options)), frame_size)
 
 TINY = dict(frame_size=32, channels=4, preprocess_blocks=1, latent_scales=2, groups_per_scale=1, latent_channels=2, z_dim=128)
 
@@ -29,7 +34,7 @@ def test_residual_normal_kl_matches_torch_distributions():
     [(64, 2, 3, 2, 32), (64, 1, 3, 1, 64), (96, 2, 3, 2, 72), (32, 1, 2, 4, 256)],
 )
 def test_latent_group_shapes(frame_size, pre, scales, lc, z_dim):
-    m = NVAE(z_dim=z_dim, frame_size=frame_size, channels=4, preprocess_blocks=pre, latent_scales=scales,
+    m = nvae(z_dim=z_dim, frame_size=frame_size, channels=4, preprocess_blocks=pre, latent_scales=scales,
              groups_per_scale=2, latent_channels=lc).eval()
     x = torch.rand(2, 3, frame_size, frame_size)
     feats = m._encoder_features(x)
@@ -45,17 +50,17 @@ def test_latent_group_shapes(frame_size, pre, scales, lc, z_dim):
 
 def test_sizes_the_architecture_cannot_take():
     with pytest.raises(ValueError, match="frame_size=84 cannot be halved 4 times"):
-        NVAE(frame_size=84)
+        nvae(frame_size=84)
     with pytest.raises(ValueError, match=r"z_dim=16 must equal latent_channels \* top_size\^2 = 2 \* 4\^2 = 32"):
-        NVAE(z_dim=16)
-    cfg = config_from_dict({"vision": {"kind": "nvae", "z_dim": 16}})
-    with pytest.raises(UserError, match="vision.kind=nvae: vision.z_dim=16"):
-        build_vision(cfg)
+        nvae(z_dim=16)
+    cfg = config_from_dict({"run_dir": "r", "vision": {"kind": "nvae", "z_dim": 16}})
+    with pytest.raises(UserError, match="vision kind nvae: vision.z_dim=16"):
+        build_model("vision", cfg.vision.kind, cfg.vision.model_config(), frame_size=cfg.env.frame_size)
 
 
 def test_spectral_regulariser_lowers_the_largest_singular_value():
     torch.manual_seed(0)
-    m = NVAE(**TINY)
+    m = nvae(**TINY)
     before = m.spectral_norms(power_iterations=30).detach()
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
     for _ in range(20):
@@ -69,7 +74,7 @@ def test_spectral_regulariser_lowers_the_largest_singular_value():
 
 
 def test_non_finite_updates_are_skipped():
-    m = NVAE(**TINY)
+    m = nvae(**TINY)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     before = [p.detach().clone() for p in m.parameters()]
     x = torch.rand(2, 3, 32, 32)
@@ -99,7 +104,7 @@ def test_free_nats_on_the_top_group():
     assert kl.grad[:, 0].tolist() == [0.0, 0.0] and kl.grad[:, 1].tolist() == [1.0, 1.0]
     assert free_nats_top(kl, floor=2.0) is kl and free_nats_top(kl, floor=0.0) is kl
     # wired through the model: the training loss sees the floor, the reported KL and ELBO do not
-    m = NVAE(**TINY, kl_tolerance=100.0).eval()
+    m = nvae(**TINY, kl_tolerance=100.0).eval()
     t = m.loss(torch.rand(2, 3, 32, 32))
     others = sum(t[f"kl_group{k}"] for k in range(1, m.n_groups))
     torch.testing.assert_close(t["loss"], t["recon"] + 100.0 * m.z_dim + others)
@@ -107,10 +112,10 @@ def test_free_nats_on_the_top_group():
 
 
 def test_save_load_round_trip(tmp_path):
-    m = NVAE(**TINY).eval()
+    m = nvae(**TINY).eval()
     path = str(tmp_path / "nvae.pt")
-    save_torch(path, vision_checkpoint(m, step=1))
-    loaded, ckpt = load_vision(path)
+    save_model(path, m, step=1)
+    loaded, ckpt = load_model(path, "vision")
     assert isinstance(loaded, NVAE) and ckpt["kind"] == "nvae"
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(loaded.encode(x), m.encode(x))
@@ -121,8 +126,9 @@ def test_save_load_round_trip(tmp_path):
 
 
 def carracing_frames(n: int) -> torch.Tensor:
+    from models.likelihood import frames_to_tensor
     from utils.config import EnvConfig
-    from utils.envs import frames_to_tensor, make_env, preprocess_frame
+    from utils.envs import make_env
 
     env_cfg = EnvConfig()
     env = make_env(env_cfg)
@@ -130,7 +136,7 @@ def carracing_frames(n: int) -> torch.Tensor:
     frames = []
     rng = np.random.default_rng(0)
     for _ in range(n):
-        frames.append(preprocess_frame(obs, env_cfg))
+        frames.append(obs)  # V-ready: make_env resizes
         obs, *_ = env.step(rng.uniform([-1, 0, 0], [1, 1, 0.2]).astype(np.float32))
     env.close()
     return frames_to_tensor(np.stack(frames))
@@ -139,7 +145,7 @@ def carracing_frames(n: int) -> torch.Tensor:
 def test_short_training_on_carracing_frames_lowers_the_loss():
     torch.manual_seed(0)
     x = carracing_frames(96)
-    m = NVAE(z_dim=32, channels=4, preprocess_blocks=2, latent_scales=3, groups_per_scale=1, latent_channels=2)
+    m = nvae(z_dim=32, channels=4, preprocess_blocks=2, latent_scales=3, groups_per_scale=1, latent_channels=2)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     m.eval()
     with torch.no_grad():
@@ -178,7 +184,7 @@ def test_autoregressive_flow_has_a_triangular_jacobian_with_its_log_det(reverse)
 
 def test_nvae_with_posterior_flows_trains_and_round_trips(tmp_path):
     torch.manual_seed(0)
-    m = NVAE(**TINY, num_flows=2)
+    m = nvae(**TINY, num_flows=2)
     assert [len(f) for f in m.flows] == [0, 2]  # the top group stays Gaussian
     x = torch.rand(4, 3, 32, 32)
     terms = m.loss(x)
@@ -187,6 +193,6 @@ def test_nvae_with_posterior_flows_trains_and_round_trips(tmp_path):
     assert m.flows[1][0].out.weight.grad.abs().sum() > 0
     m.eval()
     path = str(tmp_path / "nvae.pt")
-    save_torch(path, vision_checkpoint(m, step=1))
-    loaded, _ = load_vision(path)
+    save_model(path, m, step=1)
+    loaded, _ = load_model(path, "vision")
     torch.testing.assert_close(loaded.reconstruct_full(x), m.reconstruct_full(x))

@@ -8,13 +8,13 @@ import sys
 import numpy as np
 
 from conftest import ROOT
-from models import load_vision
 from models.nvae import NVAE
+from utils.checkpoints import load_model
 
 
 def test_stages_end_to_end_with_nvae(tiny_nvae_run):
     run_dir = tiny_nvae_run["run_dir"]
-    vision, ckpt = load_vision(os.path.join(run_dir, "vision", "best.pt"))
+    vision, ckpt = load_model(os.path.join(run_dir, "vision", "best.pt"), "vision")
     assert isinstance(vision, NVAE) and ckpt["kind"] == "nvae"
     assert vision.likelihood == "logistic_mixture" and [len(f) for f in vision.flows] == [0, 1, 1]
     log = [json.loads(line) for line in open(os.path.join(run_dir, "vision", "train_log.jsonl"))]

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_ok, run_script, write_config
-from models import load_mdnrnn, load_vision
+from utils.checkpoints import load_model
 from utils.seeding import env_seed
 
 
@@ -46,9 +46,9 @@ def test_01_rerun_skips_episodes_on_disk(tiny_run):
 
 def test_02_vision_checkpoints_and_log(tiny_run):
     folder = os.path.join(tiny_run["run_dir"], "vision")
-    vision, ckpt = load_vision(os.path.join(folder, "best.pt"))
-    assert ckpt["kind"] == "vae" and vision.z_dim == 8
-    assert ckpt["config"]["vision"]["z_dim"] == 8 and "optimizer" in ckpt
+    vision, ckpt = load_model(os.path.join(folder, "best.pt"), "vision")
+    assert ckpt["kind"] == "vae" and vision.z_dim == 8 and ckpt["config"]["z_dim"] == 8 and ckpt["sizes"] == {"frame_size": 64}
+    assert ckpt["run_config"]["vision"]["z_dim"] == 8 and "optimizer" in ckpt
     assert len(ckpt["split"]["held_out"]) == 1 and len(ckpt["split"]["train"]) == 2
     log = [json.loads(line) for line in open(os.path.join(folder, "train_log.jsonl"))]
     assert [row["epoch"] for row in log] == [1]
@@ -76,7 +76,7 @@ def test_02_resumes_from_latest(tiny_run, tmp_path):
 
 def test_03_latents(tiny_run):
     folder = os.path.join(tiny_run["run_dir"], "latents")
-    vision, _ = load_vision(os.path.join(tiny_run["run_dir"], "vision", "best.pt"))
+    vision, _ = load_model(os.path.join(tiny_run["run_dir"], "vision", "best.pt"), "vision")
     path = os.path.join(folder, "episode_00000.npz")
     with np.load(path) as lat, np.load(os.path.join(tiny_run["run_dir"], "rollouts", "episode_00000.npz")) as ep:
         assert lat["mu"].shape == lat["logvar"].shape == (40, 8) and lat["mu"].dtype == np.float32
@@ -89,21 +89,33 @@ def test_03_latents(tiny_run):
 
 def test_04_mdnrnn(tiny_run):
     folder = os.path.join(tiny_run["run_dir"], "mdnrnn")
-    m, ckpt = load_mdnrnn(os.path.join(folder, "best.pt"))
+    m, ckpt = load_model(os.path.join(folder, "best.pt"), "memory")
     assert (m.z_dim, m.action_dim, m.hidden, m.gaussians) == (8, 3, 16, 3)
     log = [json.loads(line) for line in open(os.path.join(folder, "train_log.jsonl"))]
     assert np.isfinite(log[-1]["val_nll"]) and "val_done_bce" in log[-1]
 
 
 def test_05_controller(tiny_run):
+    """history.csv, and controller.pt whose best parameters, replayed here on the held-out tracks through the
+    episode loop, score exactly the held-out mean that history.csv recorded for them."""
+    from utils.cmaes_trainer import heldout_seeds
+    from utils.config import load_config
+    from utils.envs import make_env
+    from utils.episodes import AgentPolicy, load_agent, run_episode
+
     folder = os.path.join(tiny_run["run_dir"], "controller")
     rows = list(csv.DictReader(open(os.path.join(folder, "history.csv"))))
     assert [int(r["generation"]) for r in rows] == [1, 2]
-    assert all(float(r["best"]) >= float(r["mean"]) >= float(r["worst"]) for r in rows)
     assert rows[0]["heldout_mean"] == "" and rows[1]["heldout_mean"] != ""
-    ckpt = torch.load(os.path.join(folder, "controller.pt"), weights_only=False)
-    assert ckpt["kind"] == "controller" and ckpt["params_best"].shape == (3 * (8 + 16 + 1),)
-    assert ckpt["best"]["generation"] == 2
+    controller, ckpt = load_model(os.path.join(folder, "controller.pt"), "controller")
+    assert ckpt["kind"] == "linear" and controller.num_params == 3 * (8 + 16 + 1)
+    assert ckpt["best"]["generation"] == 2 and ckpt["params_mean"].shape == (controller.num_params,)
+    cfg = load_config(tiny_run["config"])
+    env = make_env(cfg.env)
+    agent = load_agent(ckpt["inputs"]["vision"], ckpt["inputs"]["mdnrnn"], cfg.env, os.path.join(folder, "controller.pt"),
+                       env.action_space)
+    returns = [run_episode(env, AgentPolicy(agent), seed).ret for seed in heldout_seeds(cfg)]
+    assert f"{np.mean(returns)}".startswith(rows[1]["heldout_mean"][:8]) and float(rows[1]["heldout_mean"]) == np.mean(returns)
     assert Image.open(os.path.join(folder, "learning_curve.png")).size[0] > 100
     # Training episodes are capped at controller.max_steps=30 for 4 candidates x 1 rollout.
     assert all(int(r["env_steps"]) <= 4 * 30 for r in rows)

@@ -301,9 +301,9 @@ class ControllerTrainer:
         )
         return returns.reshape(len(candidates), r).mean(axis=1), {"env_steps": 0, "dream_steps": int(lengths.sum())}
 
-    def run(self, overwrite: bool = False) -> dict:
+    def run(self, state: dict) -> dict:
+        """Train from `state` (load_or_create) to the last generation or the wall-time budget; returns the state."""
         cfg, cc = self.cfg, self.cfg.controller
-        state = self.load_or_create(overwrite)
         search: ResumableCMAES = state["search"]
         budget_s = 60 * cc.max_wall_minutes
         if state["history"]:  # a run killed between its state and its checkpoint leaves them out of step

@@ -32,7 +32,8 @@ import yaml
 
 from models import VISION_KINDS
 from models.controller import LinearControllerConfig
-from models.hparams import check_value, config_subset, param
+from models.hparams import config_from_dict as config_from_fields
+from models.hparams import config_subset, param
 from models.mdnrnn import MDNRNNConfig
 from models.nvae import NVAEConfig
 from utils.errors import UserError
@@ -179,8 +180,12 @@ RENAMED = {
 }
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Check `value` against the annotation `typ`; ints (and YAML's string '1e-3') are accepted for floats."""
+def _coerce(value: Any, typ: Any, dotted: str) -> Any:
+    """Check a YAML value against the annotation `typ`; ints (and YAML's string '1e-3') are accepted for floats.
+
+    Raises:
+        ValueError: a value of another type.
+    """
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -190,32 +195,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             pass
     if typ in (int, float, str, bool):
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise UserError(f"{where}: expected {typ.__name__}, got {value!r}")
+            raise ValueError(f"key '{dotted}': expected {typ.__name__}, got {value!r}")
         return value
-    raise TypeError(f"unsupported annotation {typ} at {where}")  # a bug in the schema
-
-
-def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if dotted in RENAMED:
-            raise UserError(f"{source}: key '{dotted}' was renamed to {RENAMED[dotted]}")
-        if key not in fields:
-            raise UserError(f"{source}: unknown key '{dotted}' (expected one of: {', '.join(sorted(fields))})")
-        where = f"{source}: key '{dotted}'"
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value, source, f"{dotted}.")
-            continue
-        kwargs[key] = _coerce(value, hints[key], where)
-        problem = check_value(fields[key], kwargs[key])
-        if problem:
-            raise UserError(f"{where}: {problem}")
-    return cls(**kwargs)
+    raise TypeError(f"unsupported annotation {typ} at {dotted}")  # a bug in the schema
 
 
 def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
@@ -262,7 +244,10 @@ def config_from_dict(data: dict, source: str = "<dict>", overrides: list[str] | 
     data = dict(data or {})
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value, f"{source} (--set {key})")
-    cfg = _build(Config, data, source, "")
+    try:
+        cfg = config_from_fields(Config, data, coerce=_coerce, renamed=RENAMED)
+    except ValueError as exc:
+        raise UserError(f"{source}: {exc}") from None
     if not cfg.run_dir:
         raise UserError(f"{source}: key 'run_dir' is required (the folder every artifact of the run goes under)")
     return cfg

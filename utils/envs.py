@@ -18,10 +18,9 @@ agent) receives uint8 (S, S, 3) frames with S = env.frame_size:
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 from PIL import Image
-
-import gymnasium as gym
 
 from utils.config import EnvConfig
 from utils.errors import UserError

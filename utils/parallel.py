@@ -36,7 +36,6 @@ from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
-
 MIN_TIMEOUT_S = 5.0
 HANG_FACTOR = 20.0  # a task is hung when it takes this many times the slowest per-step time seen
 

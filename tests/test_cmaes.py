@@ -1,0 +1,108 @@
+"""CMA-ES resume state: data only, refused when it carries objects, and a resume equal to an uninterrupted run."""
+
+import csv
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import assert_ok, assert_user_error, run_script, write_config
+from utils.cmaes_trainer import ResumableCMAES, load_search_state, save_search_state
+from utils.errors import UserError
+
+
+def fitness(candidates):
+    return [float(np.sum((c - 0.3) ** 2)) for c in candidates]
+
+
+def test_resumed_search_asks_exactly_what_an_uninterrupted_one_asks(tmp_path):
+    straight = ResumableCMAES(num_params=12, sigma0=0.2, popsize=6, seed=3)
+    asked = []
+    for _ in range(6):
+        c = straight.ask()
+        asked.append(np.array(c))
+        straight.tell(c, fitness(c))
+
+    first = ResumableCMAES(num_params=12, sigma0=0.2, popsize=6, seed=3)
+    for _ in range(3):
+        c = first.ask()
+        first.tell(c, fitness(c))
+    path = str(tmp_path / "state.npz")
+    save_search_state(path, first, {"generation": 3}, None)
+    np.random.seed(12345)  # a new process: numpy's global generator is elsewhere
+    arrays, meta = load_search_state(path)
+    resumed = ResumableCMAES.restore(12, 0.2, 6, 3, arrays)
+    assert meta == {"generation": 3}
+    for g in range(3, 6):
+        c = resumed.ask()
+        assert np.array_equal(np.array(c), asked[g]), f"generation {g + 1} differs"
+        resumed.tell(c, fitness(c))
+    assert np.array_equal(resumed.mean, straight.mean) and resumed.sigma == straight.sigma
+
+
+def test_an_edited_state_does_not_replay(tmp_path):
+    search = ResumableCMAES(num_params=5, sigma0=0.1, popsize=4, seed=0)
+    c = search.ask()
+    search.tell(c, fitness(c))
+    arrays = search.arrays()
+    arrays["told"] = arrays["told"] + 1.0
+    with pytest.raises(ValueError, match="does not reproduce"):
+        ResumableCMAES.restore(5, 0.1, 4, 0, arrays)
+
+
+class CreatesAFile:
+    """Unpickling this creates a file: what a crafted state would do if it were ever unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickled_state_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "cmaes_state.npz"
+    path.write_bytes(pickle.dumps(CreatesAFile(str(marker))))
+    with pytest.raises(UserError, match="refused.*pickled objects"):
+        load_search_state(str(path))
+    assert not marker.exists()
+    np.savez(path, told=np.zeros((1, 2)), mean=np.zeros(2), sigma=np.float64(1), best_params=np.zeros(0),
+             meta=np.array([CreatesAFile(str(marker))], dtype=object))  # an object array inside a real npz
+    with pytest.raises(UserError, match="refused"):
+        load_search_state(str(path))
+    assert not marker.exists()
+
+
+def test_stage_05_resumed_equals_uninterrupted(tiny_run, tmp_path):
+    """05 in the dream for 4 generations in one go, and for 2 then resumed to 4: the same history, row by row."""
+    runs = {}
+    for name, steps in (("straight", [4]), ("resumed", [2, 4])):
+        run_dir = tmp_path / name
+        for stage in ("vision", "latents", "mdnrnn"):
+            shutil.copytree(os.path.join(tiny_run["run_dir"], stage), run_dir / stage)
+        for generations in steps:
+            config = write_config(tmp_path / name, run_dir, controller={"env": "dream", "generations": generations,
+                                                                         "eval_every": 2})
+            proc = run_script("05_train_controller", config)
+            assert_ok(proc)
+        runs[name] = list(csv.DictReader(open(run_dir / "controller" / "history.csv")))
+    assert "resuming at generation 3/4" in proc.stdout
+    keys = ("generation", "best", "mean", "std", "worst", "sigma", "heldout_mean", "heldout_std", "dream_steps")
+    assert [[r[k] for k in keys] for r in runs["resumed"]] == [[r[k] for k in keys] for r in runs["straight"]]
+    assert len(runs["straight"]) == 4
+
+
+def test_stage_05_refuses_a_crafted_state(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    for stage in ("vision", "latents", "mdnrnn"):
+        shutil.copytree(os.path.join(tiny_run["run_dir"], stage), run_dir / stage)
+    (run_dir / "controller").mkdir()
+    marker = tmp_path / "pwned"
+    state = run_dir / "controller" / "cmaes_state.npz"
+    state.write_bytes(pickle.dumps(CreatesAFile(str(marker))))
+    config = write_config(tmp_path, run_dir, controller={"env": "dream"})
+    assert_user_error(run_script("05_train_controller", config), "cmaes_state.npz: refused")
+    assert not marker.exists() and sorted(os.listdir(run_dir / "controller")) == ["cmaes_state.npz"]
