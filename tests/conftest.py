@@ -37,6 +37,17 @@ TINY = {
 }
 
 
+class CreatesAFile:
+    """Unpickling this object creates `path`: what a crafted checkpoint or state would do if it were ever
+    loaded with pickle. Tests write it into files the pipeline reads and check the file never appears."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def write_config(folder, run_dir, **sections) -> str:
     """Write TINY (with `sections` merged in) to folder/config.yaml; return its path."""
     data = {"run_dir": str(run_dir), **{k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}}

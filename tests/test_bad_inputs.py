@@ -39,19 +39,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error, run_script, write_config
+from conftest import CreatesAFile, assert_user_error, run_script, write_config
 
 MARKER = "payload_ran"  # a crafted pickle, if ever loaded, creates tmp_path/MARKER
-
-
-class CreatesAFile:
-    """Unpickling this object opens (creates) `path` for writing: what a malicious pickle could do."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------

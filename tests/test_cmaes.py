@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import assert_ok, assert_user_error, run_script, write_config
+from conftest import CreatesAFile, assert_ok, assert_user_error, run_script, write_config
 from utils.cmaes_trainer import ResumableCMAES, load_search_state, save_search_state
 from utils.errors import UserError
 
@@ -50,16 +50,6 @@ def test_an_edited_state_does_not_replay(tmp_path):
     arrays["told"] = arrays["told"] + 1.0
     with pytest.raises(ValueError, match="does not reproduce"):
         ResumableCMAES.restore(5, 0.1, 4, 0, arrays)
-
-
-class CreatesAFile:
-    """Unpickling this creates a file: what a crafted state would do if it were ever unpickled."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_a_pickled_state_is_refused_without_running_it(tmp_path):

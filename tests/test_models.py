@@ -11,6 +11,7 @@ from models.controller import LinearController, LinearControllerConfig, batched_
 from models.mdnrnn import MDNRNN, MDNRNNConfig, MixtureParams, mdn_nll, mdn_sample, mdnrnn_loss
 from models.vae import ConvVAE, VAEConfig, gaussian_kl
 from utils.checkpoints import load_model, load_world_model, save_model
+from conftest import CreatesAFile
 from utils.errors import UserError
 
 
@@ -173,16 +174,6 @@ def test_kl_closed_form_value():
     # KL(N(1, e^0) || N(0, 1)) = 0.5 per dimension
     assert gaussian_kl(torch.ones(1, 4), torch.zeros(1, 4)).item() == pytest.approx(2.0)
     assert math.isclose(gaussian_kl(torch.zeros(1, 1), torch.log(torch.tensor([[4.0]]))).item(), 0.5 * (4 - math.log(4) - 1), rel_tol=1e-6)
-
-
-class CreatesAFile:
-    """Unpickling this creates a file: what a crafted checkpoint would do if torch.load ran it."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path):
