@@ -25,7 +25,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from utils.checkpoints import load_model, read_checkpoint
+from utils.checkpoints import load_model
 from utils.cli import load_stage_config, open_stage_dir, run_stage, stage_parser
 from utils.config import config_to_dict
 from utils.envs import check_env
@@ -47,8 +47,7 @@ def agent_paths(cfg) -> dict | None:
     path = cfg.rollouts.controller
     if not path:
         raise UserError("rollouts.controller: rollouts.policy=controller needs the path of a trained controller.pt")
-    load_model(path, "controller")
-    inputs = read_checkpoint(path).get("inputs") or {}
+    inputs = load_model(path, "controller")[1].get("inputs") or {}
     load_model(inputs.get("vision", ""), "vision")
     load_model(inputs.get("mdnrnn", ""), "memory")
     return {"vision": inputs["vision"], "mdnrnn": inputs["mdnrnn"], "controller": os.path.abspath(path)}
