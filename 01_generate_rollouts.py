@@ -31,47 +31,54 @@ from utils.config import config_to_dict
 from utils.envs import check_env
 from utils.episodes import expected_episode_s, init_recorder, record_task
 from utils.errors import UserError
-from utils.io import episode_path, list_episodes, write_manifest
-from utils.parallel import WorkerPool
+from utils.io import episode_path, list_episodes, save_bytes, write_manifest
+from utils.parallel import check_backend, make_pool
 from utils.seeding import env_seed
 
 
-def agent_paths(cfg) -> dict | None:
-    """{"vision", "mdnrnn", "controller"} checkpoints for rollouts.policy=controller (None otherwise).
+def agent_checkpoints(cfg) -> tuple[dict, dict] | tuple[None, None]:
+    """For rollouts.policy=controller, ({"vision", "mdnrnn", "controller"} checkpoint dicts, their paths);
+    (None, None) otherwise.
 
     Raises:
         UserError: rollouts.controller unset, not a controller checkpoint, or its V / M gone.
     """
     if cfg.rollouts.policy != "controller":
-        return None
+        return None, None
     path = cfg.rollouts.controller
     if not path:
         raise UserError("rollouts.controller: rollouts.policy=controller needs the path of a trained controller.pt")
-    inputs = load_model(path, "controller")[1].get("inputs") or {}
-    load_model(inputs.get("vision", ""), "vision")
-    load_model(inputs.get("mdnrnn", ""), "memory")
-    return {"vision": inputs["vision"], "mdnrnn": inputs["mdnrnn"], "controller": os.path.abspath(path)}
+    _, controller = load_model(path, "controller")
+    paths = {**(controller.get("inputs") or {}), "controller": os.path.abspath(path)}
+    ckpts = {"controller": controller, "vision": load_model(paths.get("vision", ""), "vision")[1],
+             "mdnrnn": load_model(paths.get("mdnrnn", ""), "memory")[1]}
+    return ckpts, paths
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__.splitlines()[1]).parse_args(argv)
     cfg = load_stage_config(args)
-    agent = agent_paths(cfg)
+    agent, paths = agent_checkpoints(cfg)
     check_env(cfg.env)
+    check_backend(cfg.backend)
     out_dir = open_stage_dir(cfg, "rollouts")
     start = time.perf_counter()
 
     todo = [i for i in range(cfg.rollouts.episodes) if not os.path.exists(episode_path(out_dir, i))]
     skipped = cfg.rollouts.episodes - len(todo)
-    who = f"controller {agent['controller']} + noise {cfg.rollouts.action_noise:g}" if agent else cfg.rollouts.policy
+    who = f"controller {paths['controller']} + noise {cfg.rollouts.action_noise:g}" if agent else cfg.rollouts.policy
     print(f"[01] {cfg.env.id}: {len(todo)} episodes to record ({who}), {skipped} already in {out_dir}")
     stats = []
     if todo:
         tasks = [(i, env_seed(cfg.seed, "rollouts", i)) for i in todo]
         steps = cfg.rollouts.max_steps or cfg.env.max_episode_steps
-        with WorkerPool(cfg.rollouts.workers, init_recorder, (cfg.env, cfg.rollouts, out_dir, agent), record_task,
-                        first_timeout_s=expected_episode_s(cfg.env, steps), task_steps=steps) as pool:
-            stats = pool.map(tasks, progress="01 rollouts")
+        def write(index: int, result: dict) -> dict:  # as each episode arrives, from whichever worker
+            save_bytes(episode_path(out_dir, result["index"]), result.pop("npz"))
+            return result
+
+        with make_pool(cfg.backend, cfg.rollouts.workers, init_recorder, (cfg.env, cfg.rollouts, agent), record_task,
+                       first_timeout_s=expected_episode_s(cfg.env, steps), task_steps=steps) as pool:
+            stats = pool.map(tasks, progress="01 rollouts", on_result=write)
     wall = time.perf_counter() - start
     steps = sum(s["steps"] for s in stats)
     returns = [s["return"] for s in stats]

@@ -29,6 +29,7 @@ from utils.data import check_latents, start_latents
 from utils.envs import info_input_dims, make_env
 from utils.errors import UserError
 from utils.io import list_episodes, write_manifest
+from utils.parallel import check_backend
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                                                   info_input_dims(cfg.env))
     trainer = ControllerTrainer(cfg, vision_path, mdnrnn_path, controller, stage_dir(cfg, "controller"), dream)
     state = trainer.load_or_create(args.overwrite)  # a bad resume state stops the stage before anything is written
+    check_backend(cfg.backend)
     open_stage_dir(cfg, "controller")
     where = f"in the dream (tau {cc.temperature:g}, {len(dream[1])} start latents)" if dream else "in the real env"
     print(f"[05] CMA-ES {where}: C sees {cc.inputs}, {controller.num_params} parameters, population {cc.popsize} x "

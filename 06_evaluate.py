@@ -32,6 +32,7 @@ from utils.cli import load_stage_config, open_stage_dir, run_stage, stage_dir, s
 from utils.config import config_to_dict
 from utils.evaluation import evaluate_run, load_evaluated_agent
 from utils.io import write_manifest
+from utils.parallel import check_backend
 from utils.report import write_compare_report
 
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     start = time.perf_counter()
     loaded = load_evaluated_agent(cfg, paths["vision"], paths["mdnrnn"], paths["controller"])  # checked first
+    check_backend(cfg.backend)
     out_dir = open_stage_dir(cfg, "eval")
     scores, n_gif = evaluate_run(cfg, out_dir, paths["vision"], paths["mdnrnn"], paths["controller"], loaded)
     write_manifest(

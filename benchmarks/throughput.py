@@ -10,10 +10,12 @@ episodes of `--steps` steps on the same env seeds:
         actions, nothing else;
 - 01:   stage 01's task (random policy, frame preprocessing, npz written);
 - 05:   stage 05's task (V encode, C, M update every step) with a conv VAE
-        (z 32) and an MDN-RNN (256 units) of the real sizes.
+        (z 32) and an MDN-RNN (256 units) of the real sizes;
+- 05 ray: the same on the Ray backend (`--workers` actors of a local Ray).
 
-Prints steps/s for each and the ratios 01/raw (target >= 0.9) and 05/raw
-(target >= 0.8).
+Prints steps/s for each and the ratios 01/raw (target >= 0.9), 05/raw
+(target >= 0.8) and 05 ray / 05 (target >= 0.9), and the time each backend
+spends per task on an empty task.
 """
 
 from __future__ import annotations
@@ -33,11 +35,15 @@ import gymnasium as gym  # noqa: E402
 from models.controller import LinearControllerConfig  # noqa: E402
 from models.mdnrnn import MDNRNN, MDNRNNConfig  # noqa: E402
 from models.vae import ConvVAE, VAEConfig  # noqa: E402
-from utils.checkpoints import save_model  # noqa: E402
-from utils.config import EnvConfig, RolloutsConfig  # noqa: E402
-from utils.episodes import (RandomPolicy, agent_task, init_agent_worker, init_recorder, record_task,  # noqa: E402
-                            run_episode)
+from utils.checkpoints import read_checkpoint, save_model  # noqa: E402
+from utils.config import (  # noqa: E402
+    BackendConfig,  # noqa: E402
+    EnvConfig,
+    RolloutsConfig,
+)
+from utils.episodes import RandomPolicy, agent_task, init_agent_worker, init_recorder, record_task, run_episode  # noqa: E402
 from utils.parallel import WorkerPool  # noqa: E402
+from utils.ray_backend import RayPool  # noqa: E402
 
 
 def init_random_worker(env_cfg: EnvConfig) -> dict:
@@ -51,7 +57,24 @@ def random_task(state: dict, task: dict) -> dict:
     return {"steps": episode.steps}
 
 
-def measure(pool: WorkerPool, tasks: list) -> float:
+def init_noop() -> dict:
+    return {}
+
+
+def noop_task(state: dict, task: int) -> int:
+    return task
+
+
+def task_overhead_s(pool, n: int = 200) -> float:
+    """Seconds a pool spends per task on an empty task: dispatch, transport and gathering."""
+    with pool:
+        pool.map(range(len(pool.workers)))  # warm-up
+        start = time.perf_counter()
+        pool.map(range(n))
+        return (time.perf_counter() - start) / n
+
+
+def measure(pool, tasks: list) -> float:
     pool.map(tasks[: len(pool.workers)])  # warm-up: imports, first reset
     start = time.perf_counter()
     results = pool.map(tasks)
@@ -63,16 +86,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=4)
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray backend's row")
     args = parser.parse_args()
     env_cfg = EnvConfig(max_episode_steps=args.steps)
     seeds = [10_000 + i for i in range(args.episodes)]
-    rates = {}
+    rates, overhead = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         with WorkerPool(args.workers, init_random_worker, (env_cfg,), random_task) as pool:
             rates["raw"] = measure(pool, [{"seed": s, "max_steps": args.steps} for s in seeds])
 
         ro_cfg = RolloutsConfig(policy="uniform", max_steps=args.steps)
-        with WorkerPool(args.workers, init_recorder, (env_cfg, ro_cfg, tmp), record_task) as pool:
+        with WorkerPool(args.workers, init_recorder, (env_cfg, ro_cfg), record_task) as pool:
             rates["01"] = measure(pool, list(enumerate(seeds)))
 
         vision_path, mdnrnn_path = os.path.join(tmp, "vision.pt"), os.path.join(tmp, "mdnrnn.pt")
@@ -80,9 +104,15 @@ def main() -> None:
         save_model(mdnrnn_path, MDNRNN(MDNRNNConfig(hidden=256, gaussians=5), z_dim=32, action_dim=3))
         params = np.random.default_rng(0).normal(scale=0.1, size=3 * (32 + 256 + 1)).astype(np.float32)
         tasks = [{"params": params, "seed": s, "max_steps": args.steps, "early_stop_steps": 0} for s in seeds]
-        agent_args = (vision_path, mdnrnn_path, env_cfg, LinearControllerConfig())
+        agent_args = (read_checkpoint(vision_path), read_checkpoint(mdnrnn_path), env_cfg, LinearControllerConfig())
         with WorkerPool(args.workers, init_agent_worker, agent_args, agent_task) as pool:
             rates["05"] = measure(pool, tasks)
+            overhead["local"] = task_overhead_s(WorkerPool(args.workers, init_noop, (), noop_task))
+        if not args.no_ray:
+            ray_backend = BackendConfig(kind="ray", actors=args.workers)
+            with RayPool(ray_backend, init_agent_worker, agent_args, agent_task) as pool:
+                rates["05 ray"] = measure(pool, tasks)
+            overhead["ray"] = task_overhead_s(RayPool(ray_backend, init_noop, (), noop_task))
 
     print(f"CarRacing-v3, {args.workers} worker processes, {args.episodes} episodes x up to {args.steps} steps each")
     print(f"{'':6s}{'steps/s':>10s}{'ratio to raw':>14s}{'target':>8s}")
@@ -90,6 +120,12 @@ def main() -> None:
         ratio = rates[name] / rates["raw"]
         verdict = "" if target is None else f">= {target}  {'ok' if ratio >= target else 'BELOW'}"
         print(f"{name:6s}{rates[name]:10.1f}{ratio:14.3f}  {verdict}")
+    if "05 ray" in rates:
+        ratio = rates["05 ray"] / rates["05"]
+        print(f"05 on the Ray backend ({args.workers} actors of a local Ray): {rates['05 ray']:.1f} steps/s, "
+              f"{ratio:.3f} x the local backend's 05  (target >= 0.9  {'ok' if ratio >= 0.9 else 'BELOW'})")
+    print("overhead per task (an empty task, 200 in a row): "
+          + ", ".join(f"{name} {1000 * seconds:.2f} ms" for name, seconds in overhead.items()))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_ok, run_script, write_config
-from utils.checkpoints import load_model
+from utils.checkpoints import load_model, read_checkpoint
 from utils.seeding import env_seed
 
 
@@ -112,8 +112,8 @@ def test_05_controller(tiny_run):
     assert ckpt["best"]["generation"] == 2 and ckpt["params_mean"].shape == (controller.num_params,)
     cfg = load_config(tiny_run["config"])
     env = make_env(cfg.env)
-    agent = load_agent(ckpt["inputs"]["vision"], ckpt["inputs"]["mdnrnn"], cfg.env, os.path.join(folder, "controller.pt"),
-                       env.action_space)
+    agent = load_agent(read_checkpoint(ckpt["inputs"]["vision"]), read_checkpoint(ckpt["inputs"]["mdnrnn"]), cfg.env,
+                       ckpt, env.action_space)
     returns = [run_episode(env, AgentPolicy(agent), seed).ret for seed in heldout_seeds(cfg)]
     assert f"{np.mean(returns)}".startswith(rows[1]["heldout_mean"][:8]) and float(rows[1]["heldout_mean"]) == np.mean(returns)
     assert Image.open(os.path.join(folder, "learning_curve.png")).size[0] > 100

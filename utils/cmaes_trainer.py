@@ -44,12 +44,12 @@ from tqdm import tqdm
 
 from models.controller import LinearController
 from models.dream import dream_returns
-from utils.checkpoints import save_model
+from utils.checkpoints import read_checkpoint, save_model
 from utils.config import Config, config_to_dict
 from utils.episodes import agent_task, expected_episode_s, init_agent_worker
 from utils.errors import UserError
 from utils.io import atomic_path, file_sha256, save_npz, save_text
-from utils.parallel import WorkerPool
+from utils.parallel import make_pool
 from utils.seeding import env_seed
 
 HISTORY_FIELDS = [
@@ -265,7 +265,7 @@ class ControllerTrainer:
                 "best": None if best is None else {k: v for k, v in best.items() if k != "params"}}
         save_search_state(self.state_path, state["search"], meta, None if best is None else best["params"])
 
-    def _evaluate(self, pool: WorkerPool, params_list, seeds, train: bool, progress: str) -> np.ndarray:
+    def _evaluate(self, pool, params_list, seeds, train: bool, progress: str) -> np.ndarray:
         cc = self.cfg.controller
         tasks = [
             {"params": p, "seed": s, "max_steps": cc.max_steps if train else 0,
@@ -275,7 +275,7 @@ class ControllerTrainer:
         results = pool.map(tasks, progress=progress)
         return results
 
-    def _training_fitness(self, pool: WorkerPool, candidates, generation: int) -> tuple[np.ndarray, dict]:
+    def _training_fitness(self, pool, candidates, generation: int) -> tuple[np.ndarray, dict]:
         """Fitness float (popsize,) of one generation's candidates, and the step counts for its history row."""
         cfg, cc = self.cfg, self.cfg.controller
         if cc.env == "dream":
@@ -316,10 +316,12 @@ class ControllerTrainer:
             tqdm.write(f"[05] all {cc.generations} generations done; nothing to do")
         elif state["generation"]:
             tqdm.write(f"[05] resuming at generation {state['generation'] + 1}/{cc.generations} from {self.state_path}")
-        init_args = (self.paths["vision"], self.paths["mdnrnn"], cfg.env, self.controller.config)
+        init_args = (read_checkpoint(self.paths["vision"]), read_checkpoint(self.paths["mdnrnn"]), cfg.env,
+                     self.controller.config)
         episode_steps = cfg.env.max_episode_steps  # the held-out re-evaluations play full episodes
-        with WorkerPool(cc.workers, init_agent_worker, init_args, agent_task, cc.worker_timeout_s, cc.max_retries,
-                        first_timeout_s=expected_episode_s(cfg.env), task_steps=episode_steps) as pool:
+        with make_pool(cfg.backend, cc.workers, init_agent_worker, init_args, agent_task,
+                       timeout_s=cc.worker_timeout_s, max_retries=cc.max_retries,
+                       first_timeout_s=expected_episode_s(cfg.env), task_steps=episode_steps) as pool:
             bar = tqdm(total=cc.generations, initial=state["generation"], desc="05 CMA-ES", unit="gen", disable=None)
             while state["generation"] < cc.generations and not (budget_s and state["elapsed_s"] >= budget_s):
                 g = state["generation"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -160,6 +161,19 @@ class EvaluateConfig:
                             minimum=0)
 
 
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class BackendConfig:
+    kind: str = param("local", "where the real-env episodes of stages 01, 05 and 06 run: local (worker processes "
+                      "on this machine, the stages' workers keys) | ray (long-lived actors on a Ray cluster)",
+                      choices=BACKENDS)
+    address: str | None = param(None, "ray: null starts a local Ray on this machine; auto, host:port or "
+                                "ray://host:port joins a running cluster (ray start --head)")
+    actors: int = param(0, "ray: episode actors, one CPU each (0: one per CPU of the cluster)", minimum=0)
+
+
 @dataclass
 class Config:
     run_dir: str = param("", "every artifact of the experiment goes under this folder (required)")
@@ -171,6 +185,7 @@ class Config:
     mdnrnn: MemoryConfig = param(MemoryConfig(), "M, stage 04")
     controller: ControllerConfig = param(ControllerConfig(), "C, stage 05")
     evaluate: EvaluateConfig = param(EvaluateConfig(), "stage 06")
+    backend: BackendConfig = param(BackendConfig(), "where stages 01, 05 and 06 play the real env")
 
 
 # Keys that were renamed: a config that still uses the old name gets told the new one.
@@ -186,6 +201,11 @@ def _coerce(value: Any, typ: Any, dotted: str) -> Any:
     Raises:
         ValueError: a value of another type.
     """
+    optional = typing.get_origin(typ) in (typing.Union, types.UnionType) and type(None) in typing.get_args(typ)
+    if optional:
+        if value is None:
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -324,6 +344,8 @@ def config_help(cls: type = Config, prefix: str = "") -> str:
                       f"> {meta['above']:g}" if meta.get("above") is not None else "",
                       f"< {meta['below']:g}" if meta.get("below") is not None else ""]
             allowed = ", ".join(b for b in bounds if b)
-        lines.append(f"  {name}: {hints[f.name].__name__} = {default!r}" + (f"  [{allowed}]" if allowed else ""))
+        typ = hints[f.name]
+        type_name = getattr(typ, "__name__", None) or str(typ).replace("NoneType", "None")
+        lines.append(f"  {name}: {type_name} = {default!r}" + (f"  [{allowed}]" if allowed else ""))
         lines.append(f"      {meta.get('help', '')}")
     return "\n".join(lines).lstrip("\n")

@@ -6,6 +6,9 @@ consumer goes through it:
 
 - stage 01 records rollouts (`record_task`, with `RandomPolicy` or a trained
   agent plus exploration noise: `AgentPolicy`);
+
+Worker state is built from checkpoint dicts, not paths, so that a worker on
+another machine (the Ray backend) needs no file of this one.
 - stage 05 scores CMA-ES candidates and stage 06 evaluates C (`agent_task`),
   and 06 replays an episode for its GIFs;
 - benchmarks/throughput.py and benchmarks/random_policy.py.
@@ -24,10 +27,10 @@ import torch
 
 from models.agent import Agent
 from models.controller import LinearController, LinearControllerConfig
-from utils.checkpoints import load_model
+from models import from_checkpoint_dict
 from utils.config import EnvConfig, RolloutsConfig
 from utils.envs import info_input_dims, make_env
-from utils.io import episode_path, save_npz
+from utils.io import npz_bytes
 
 EPISODE_EXTRAS = ("proprio", "desired_goal")  # per-step info of task envs, saved in the rollout npz
 
@@ -143,50 +146,49 @@ def run_episode(env, policy, seed: int, max_steps: int = 0, early_stop_steps: in
 # ---------------------------------------------------------------- worker tasks (utils/parallel.py)
 
 
-def load_agent(vision_path: str, mdnrnn_path: str, env_cfg: EnvConfig, controller: LinearControllerConfig | str,
+def load_agent(vision: dict, memory: dict, env_cfg: EnvConfig, controller: LinearControllerConfig | dict,
                action_space) -> Agent:
-    """The agent of V and M checkpoints plus C: an empty C of `controller` (a LinearControllerConfig), or the
-    trained one saved at `controller` (a path; its best parameters)."""
-    vision, _ = load_model(vision_path, "vision")
-    memory, _ = load_model(mdnrnn_path, "memory")
-    if isinstance(controller, str):
-        c, _ = load_model(controller, "controller")
+    """The agent of V's and M's checkpoint dicts (utils.checkpoints.read_checkpoint, checked by the stage) plus C:
+    an empty C of `controller` (a LinearControllerConfig), or the trained C of a controller checkpoint dict."""
+    vision, memory = from_checkpoint_dict(vision, "vision"), from_checkpoint_dict(memory, "memory")
+    if isinstance(controller, dict):
+        c = from_checkpoint_dict(controller, "controller")
     else:
         c = LinearController.for_world_model(controller, vision.z_dim, memory.hidden, action_space.low,
                                              action_space.high, info_input_dims(env_cfg))
     return Agent(vision, memory, c)
 
 
-def init_recorder(env_cfg: EnvConfig, ro_cfg: RolloutsConfig, out_dir: str, agent_paths: dict | None = None
-                  ) -> dict:
-    """Worker state for stage 01: one env, where to write episodes, and the policy of rollouts.policy (for
-    `controller`, agent_paths = {"vision", "mdnrnn", "controller"} checkpoint paths)."""
+def init_recorder(env_cfg: EnvConfig, ro_cfg: RolloutsConfig, agent_ckpts: dict | None = None) -> dict:
+    """Worker state for stage 01: one env and the policy of rollouts.policy (for `controller`, agent_ckpts =
+    {"vision", "mdnrnn", "controller"} checkpoint dicts)."""
     torch.set_num_threads(1)
     env = make_env(env_cfg)
-    if agent_paths:
-        agent = load_agent(agent_paths["vision"], agent_paths["mdnrnn"], env_cfg, agent_paths["controller"],
+    if agent_ckpts:
+        agent = load_agent(agent_ckpts["vision"], agent_ckpts["mdnrnn"], env_cfg, agent_ckpts["controller"],
                            env.action_space)
         policy = AgentPolicy(agent, ro_cfg.action_noise)
     else:
         policy = RandomPolicy(ro_cfg.policy, env.action_space, ro_cfg.brownian_dt)
-    return {"env": env, "policy": policy, "max_steps": ro_cfg.max_steps, "out_dir": out_dir}
+    return {"env": env, "policy": policy, "max_steps": ro_cfg.max_steps}
 
 
 def record_task(state: dict, task: tuple[int, int]) -> dict:
-    """Record episode `index` with env seed `seed` and write it atomically; return its stats."""
+    """Record episode `index` with env seed `seed`: its stats and `npz`, the bytes of its rollout file (written
+    by the stage, wherever the worker runs)."""
     index, seed = task
     start = time.perf_counter()
     episode = run_episode(state["env"], state["policy"], seed, state["max_steps"], record=True)
-    save_npz(episode_path(state["out_dir"], index), **episode.arrays)
-    return {"index": index, "steps": episode.steps, "return": episode.ret, "seconds": time.perf_counter() - start}
+    return {"index": index, "steps": episode.steps, "return": episode.ret, "seconds": time.perf_counter() - start,
+            "npz": npz_bytes(**episode.arrays)}
 
 
-def init_agent_worker(vision_path: str, mdnrnn_path: str, env_cfg: EnvConfig, controller: LinearControllerConfig,
+def init_agent_worker(vision: dict, memory: dict, env_cfg: EnvConfig, controller: LinearControllerConfig,
                       threads: int = 1) -> dict:
-    """Worker state for stages 05 and 06: an env plus V, M and an empty C of `controller`."""
+    """Worker state for stages 05 and 06: an env plus V and M (checkpoint dicts) and an empty C of `controller`."""
     torch.set_num_threads(threads)
     env = make_env(env_cfg)
-    agent = load_agent(vision_path, mdnrnn_path, env_cfg, controller, env.action_space)
+    agent = load_agent(vision, memory, env_cfg, controller, env.action_space)
     return {"env": env, "policy": AgentPolicy(agent)}
 
 

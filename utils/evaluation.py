@@ -26,7 +26,7 @@ from utils.errors import UserError
 from utils.fid import fid_unavailable, vision_fid
 from utils.io import list_episodes, save_json
 from utils.media import save_episode_gif, save_reconstruction_grid, save_side_by_side_gif
-from utils.parallel import WorkerPool
+from utils.parallel import make_pool
 from utils.report import budget_summary, plot_training_curves, write_run_report
 from utils.seeding import env_seed
 
@@ -56,14 +56,16 @@ def load_evaluated_agent(cfg, vision_path: str, mdnrnn_path: str, controller_pat
 
 
 def play(cfg, vision_path: str, mdnrnn_path: str, controller: LinearController, seeds: list[int]) -> list[dict]:
-    """One full episode of C per seed (no early stop), in evaluate.workers processes: agent_task results."""
+    """One full episode of C per seed (no early stop), on the config's backend (evaluate.workers processes, or
+    Ray actors): agent_task results in seed order."""
     ec = cfg.evaluate
     params = controller.get_params()
     tasks = [{"params": params, "seed": s, "max_steps": ec.max_steps, "early_stop_steps": 0} for s in seeds]
     steps = ec.max_steps or cfg.env.max_episode_steps
-    with WorkerPool(ec.workers, init_agent_worker, (vision_path, mdnrnn_path, cfg.env, controller.config), agent_task,
-                    cfg.controller.worker_timeout_s, cfg.controller.max_retries,
-                    first_timeout_s=expected_episode_s(cfg.env, steps), task_steps=steps) as pool:
+    init_args = (read_checkpoint(vision_path), read_checkpoint(mdnrnn_path), cfg.env, controller.config)
+    with make_pool(cfg.backend, ec.workers, init_agent_worker, init_args, agent_task,
+                   timeout_s=cfg.controller.worker_timeout_s, max_retries=cfg.controller.max_retries,
+                   first_timeout_s=expected_episode_s(cfg.env, steps), task_steps=steps) as pool:
         return pool.map(tasks, progress="06 evaluate")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import json
 import os
 import platform
@@ -47,6 +48,20 @@ def save_npz(path: str, **arrays: Any) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    """The bytes of a compressed npz of `arrays` (what save_npz writes), to send from a worker to the writer."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def save_bytes(path: str, data: bytes) -> None:
+    """Write `data` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def save_json(path: str, obj: Any) -> None:

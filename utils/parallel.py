@@ -95,6 +95,28 @@ class _Worker:
         self.conn.close()
 
 
+class HangTimeout:
+    """When a running task counts as hung: `timeout_s` when > 0, else `first_timeout_s` until a task has finished,
+    then HANG_FACTOR x the slowest seconds per env step seen so far x `task_steps`, at least MIN_TIMEOUT_S."""
+
+    def __init__(self, timeout_s: float = 0.0, first_timeout_s: float = 600.0, task_steps: int = 1000):
+        self.timeout_s, self.first_timeout_s, self.task_steps = timeout_s, first_timeout_s, task_steps
+        self.slowest_step_s = 0.0  # the slowest seconds per env step of a finished task
+
+    def observe(self, result: Any, seconds: float) -> None:
+        """Learn the per-step time from a finished task that reports its "steps"."""
+        steps = result.get("steps") if isinstance(result, dict) else None
+        if steps:
+            self.slowest_step_s = max(self.slowest_step_s, seconds / steps)
+
+    def __call__(self) -> float:
+        if self.timeout_s > 0:
+            return self.timeout_s
+        if not self.slowest_step_s:
+            return self.first_timeout_s
+        return max(MIN_TIMEOUT_S, HANG_FACTOR * self.slowest_step_s * self.task_steps)
+
+
 class WorkerPool:
     """Run tasks on `n_workers` processes with crash and hang detection (see module docstring).
 
@@ -120,9 +142,8 @@ class WorkerPool:
     ):
         self.ctx = mp.get_context("spawn")
         self.args = (init_fn, init_args, task_fn)
-        self.timeout_s, self.max_retries, self.init_timeout_s = timeout_s, max_retries, init_timeout_s
-        self.first_timeout_s, self.task_steps = first_timeout_s, task_steps
-        self.slowest_step_s = 0.0  # the slowest seconds per env step of a finished task
+        self.max_retries, self.init_timeout_s = max_retries, init_timeout_s
+        self.hang_timeout_s = HangTimeout(timeout_s, first_timeout_s, task_steps)
         self.workers = [_Worker(self.ctx, *self.args) for _ in range(max(1, n_workers))]
         self.restarts = 0  # workers replaced after a crash or a hang, over the pool's life
         self.start_failures = 0  # workers that died before they were ready
@@ -149,8 +170,10 @@ class WorkerPool:
         self.workers[i] = _Worker(self.ctx, *self.args)
         self.restarts += 1
 
-    def map(self, tasks: Iterable[Any], progress: str | None = None) -> list[Any]:
-        """Run every task; return the results in task order."""
+    def map(self, tasks: Iterable[Any], progress: str | None = None,
+            on_result: Callable[[int, Any], Any] | None = None) -> list[Any]:
+        """Run every task; return the results in task order. `on_result(index, result)`, when given, runs in this
+        process as each result arrives (e.g. to write it to disk), and what it returns is kept instead."""
         tasks = list(tasks)
         results: list[Any] = [None] * len(tasks)
         pending = list(range(len(tasks)))[::-1]  # pop() takes from the end
@@ -180,8 +203,8 @@ class WorkerPool:
                     if status == "ready":
                         w.ready = True
                     elif status == "ok":
-                        self._observe(payload, time.monotonic() - w.started)
-                        results[index] = payload
+                        self.hang_timeout_s.observe(payload, time.monotonic() - w.started)
+                        results[index] = on_result(index, payload) if on_result else payload
                         w.task = None
                         done += 1
                         bar.update(1)
@@ -198,20 +221,6 @@ class WorkerPool:
         finally:
             bar.close()
         return results
-
-    def _observe(self, result: Any, seconds: float) -> None:
-        """Learn the per-step time from a finished task that reports its "steps"."""
-        steps = result.get("steps") if isinstance(result, dict) else None
-        if steps:
-            self.slowest_step_s = max(self.slowest_step_s, seconds / steps)
-
-    def hang_timeout_s(self) -> float:
-        """Seconds after which a running task counts as hung (module docstring)."""
-        if self.timeout_s > 0:
-            return self.timeout_s
-        if not self.slowest_step_s:
-            return self.first_timeout_s
-        return max(MIN_TIMEOUT_S, HANG_FACTOR * self.slowest_step_s * self.task_steps)
 
     def _dispatch(self, pending: list[int], tasks: list[Any]) -> None:
         for i, w in enumerate(self.workers):
@@ -240,3 +249,31 @@ class WorkerPool:
             raise WorkerError(f"task {index}: worker {why} {tries[index]} times, giving up")
         tqdm.write(f"warning: worker {why} on task {index}; restarted it and re-running the task")
         pending.append(index)
+
+
+def check_backend(backend) -> None:
+    """Reach the backend before a stage claims its folder: for ray, start or join the cluster (once per process).
+
+    Raises:
+        UserError: the Ray cluster cannot be started or reached.
+    """
+    if backend.kind == "ray":
+        from utils.ray_backend import connect
+
+        connect(backend.address)
+
+
+def make_pool(backend, n_workers: int, init_fn: Callable, init_args: tuple, task_fn: Callable, **options):
+    """The pool of the config's backend section (utils.config.BackendConfig): a WorkerPool of `n_workers`
+    local processes, or a RayPool of actors (utils/ray_backend.py). Both run `task_fn(init_fn(*init_args),
+    task)` for each task, have `map(tasks, progress, on_result)` and count `restarts`; `options` are the hang and
+    retry settings of WorkerPool.
+
+    Raises:
+        UserError: ray asked for and it cannot start or be reached.
+    """
+    if backend.kind == "ray":
+        from utils.ray_backend import RayPool
+
+        return RayPool(backend, init_fn, init_args, task_fn, **options)
+    return WorkerPool(n_workers, init_fn, init_args, task_fn, **options)
