@@ -106,22 +106,10 @@ def test_01_and_06_with_ray_write_what_the_local_backend_writes(tiny_run, cluste
         assert ours[key] == local[key], key
 
 
-# Module-level task functions for RayPool, shipped to the actors by value (tests/ is not on their path).
-def init_state(marker_dir):
-    return {"dir": marker_dir}
-
-
-def stop_once(state, x):
-    """Task 3 stops its own actor (SIGSTOP) the first time: a hang that no exception reports."""
-    marker = os.path.join(state["dir"], f"stopped_{x}")
-    time.sleep(0.05)
-    if x == 3 and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGSTOP)
-    return {"steps": 10, "x": x}
-
-
+# Task functions for RayPool: test_parallel's (init_state, stop_once), and one that raises. The actors get
+# them by value (tests/ is not on their path).
 def fail(state, x):
+    """A task that raises: a bug, reported with its traceback and never retried."""
     raise ValueError(f"bad task {x}")
 
 
@@ -132,7 +120,11 @@ def test_ray_pool_restarts_a_stopped_actor_and_reports_task_errors(cluster, tmp_
     from utils.parallel import WorkerError
     from utils.ray_backend import RayPool
 
+    import test_parallel
+    from test_parallel import init_state, stop_once
+
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cloudpickle.register_pickle_by_value(test_parallel)
     backend = BackendConfig(kind="ray", address=cluster.address, actors=2)
     start = time.monotonic()
     with RayPool(backend, init_state, (str(tmp_path),), stop_once, first_timeout_s=600, task_steps=10) as pool:
