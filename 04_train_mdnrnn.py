@@ -20,7 +20,7 @@ from utils.data import check_latents, split_episodes
 from utils.errors import UserError
 from utils.io import list_episodes, load_episode, read_manifest, write_manifest
 from utils.seeding import seed_everything
-from utils.training import train_mdnrnn
+from utils.training import resolve_device, train_mdnrnn
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     train, held = split_episodes(files, cfg.mdnrnn.holdout_fraction, cfg.seed)
     if not held:
         raise UserError(f"{latents}: need at least 2 episodes to hold one out (found {len(files)})")
+    resolve_device(cfg.mdnrnn.device, "mdnrnn.device")
     out_dir = open_stage_dir(cfg, "mdnrnn")
     print(f"[04] MDN-RNN z={sizes['z_dim']} a={sizes['action_dim']}: {len(train)} training / {len(held)} held-out episodes")
     start = time.perf_counter()

@@ -30,6 +30,7 @@ from utils.envs import info_input_dims, make_env
 from utils.errors import UserError
 from utils.io import list_episodes, write_manifest
 from utils.parallel import check_backend
+from utils.training import resolve_device
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(cc.threads)
         files = list_episodes(stage_dir(cfg, "latents"), "latents")
         check_latents(files)
-        dream = (mdnrnn, start_latents(files))
+        dream = (mdnrnn.to(resolve_device(cc.device, "controller.device")), start_latents(files))
     controller = LinearController.for_world_model(cc.model_config(), vision.z_dim, mdnrnn.hidden, low, high,
                                                   info_input_dims(cfg.env))
     trainer = ControllerTrainer(cfg, vision_path, mdnrnn_path, controller, stage_dir(cfg, "controller"), dream)

@@ -115,14 +115,15 @@ def dream_returns(
     params float (B, n_params); starts float (B, z_dim). An episode ends at M's done or after
     max_steps; finished rows stop collecting reward. Returns (returns float64 (B,), episode
     lengths int64 (B,)). With B = 1 and the same generator state this is exactly a DreamEnv
-    episode driven by LinearController with params[0].
+    episode driven by LinearController with params[0]. Runs on M's device; `generator` must be on it too.
     """
-    z = torch.as_tensor(np.asarray(starts, np.float32)).clone()
-    theta = torch.as_tensor(np.asarray(params, np.float32))
+    device = next(mdnrnn.parameters()).device
+    z = torch.as_tensor(np.asarray(starts, np.float32)).to(device)
+    theta = torch.as_tensor(np.asarray(params, np.float32)).to(device)
     state = mdnrnn.initial_state(len(z))
-    alive = torch.ones(len(z), dtype=torch.bool)
-    total = torch.zeros(len(z), dtype=torch.float64)
-    lengths = torch.zeros(len(z), dtype=torch.int64)
+    alive = torch.ones(len(z), dtype=torch.bool, device=device)
+    total = torch.zeros(len(z), dtype=torch.float64, device=device)
+    lengths = torch.zeros(len(z), dtype=torch.int64, device=device)
     for _ in range(max_steps):
         a = batched_actions(theta, torch.cat([z, state[0][0]], dim=1), action_low, action_high)
         mix, reward, done_logit, state = mdnrnn.step(z, a, state)
@@ -132,7 +133,7 @@ def dream_returns(
         alive &= ~(torch.sigmoid(done_logit) > DONE_THRESHOLD)
         if not alive.any():
             break
-    return total.numpy(), lengths.numpy()
+    return total.cpu().numpy(), lengths.cpu().numpy()
 
 
 def dream_score(mdnrnn: MDNRNN, starts: np.ndarray, params: np.ndarray, action_low, action_high,

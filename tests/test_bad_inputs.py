@@ -262,6 +262,11 @@ CASES = [
     ("config-empty-file-01", empty_config, ("config.yaml", "empty")),
     ("config-without-run_dir-01", config_without_run_dir, ("config.yaml", "'run_dir' is required")),
     # 3. a value out of bounds
+    ("cuda-without-a-gpu-04", config_error("04_train_mdnrnn", ("latents",), mdnrnn={"device": "cuda"}),
+     ("mdnrnn.device=cuda", "no CUDA device")),
+    ("cuda-without-a-gpu-dream-05", config_error("05_train_controller", ("vision", "latents", "mdnrnn"),
+                                                 controller={"env": "dream", "device": "cuda"}),
+     ("controller.device=cuda", "no CUDA device")),
     ("config-popsize-1-05", config_error("05_train_controller", ("vision", "mdnrnn"), controller={"popsize": 1}),
      ("controller.popsize", ">= 2")),
     # 4. a renamed key
@@ -294,7 +299,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("prepare, texts", [pytest.param(p, t, id=i) for i, p, t in CASES])
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: cuda is valid here")
+
+
+@pytest.mark.parametrize("prepare, texts", [pytest.param(p, t, id=i, marks=[NO_CUDA] if i.startswith("cuda") else [])
+                                            for i, p, t in CASES])
 def test_bad_input_stops_with_one_line_and_changes_nothing(prepare, texts, tiny_run, tmp_path):
     with contextlib.ExitStack() as keep:
         stage, config, args = prepare(tmp_path, tiny_run, keep)

@@ -294,7 +294,7 @@ class ControllerTrainer:
         picked = starts[rng.integers(len(starts), size=cc.rollouts_per_candidate)]
         r = cc.rollouts_per_candidate
         params = np.repeat(np.asarray(candidates, dtype=np.float32), r, axis=0)  # row c * r + j
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        generator = torch.Generator(next(mdnrnn.parameters()).device).manual_seed(int(rng.integers(2**62)))
         returns, lengths = dream_returns(
             mdnrnn, params, np.tile(picked, (len(candidates), 1)), self.controller.low, self.controller.high,
             cc.temperature, cc.max_steps or cfg.env.max_episode_steps, generator,

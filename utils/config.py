@@ -56,6 +56,7 @@ class EnvConfig:
 
 
 ROLLOUT_POLICIES = ("brownian", "uniform", "controller")
+DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass
@@ -88,7 +89,7 @@ class VisionConfig(NVAEConfig):
     chunk_episodes: int = param(32, "episodes held in memory at once while shuffling frames", minimum=1)
     threads: int = param(2, "torch threads of stages 02 and 03", minimum=1)
     device: str = param("cpu", "where stages 02 and 03 run V: cpu | cuda | auto (cuda when available)",
-                        choices=("cpu", "cuda", "auto"))
+                        choices=DEVICES)
 
     def model_config(self):
         """The config dataclass of V's kind (VAEConfig or NVAEConfig), read from this section."""
@@ -113,6 +114,8 @@ class MemoryConfig(MDNRNNConfig):
     done_weight: float = param(1.0, "weight of the done BCE in the loss", minimum=0)
     holdout_fraction: float = param(0.1, "fraction of episodes held out", minimum=0, below=1)
     threads: int = param(2, "torch threads of stage 04", minimum=1)
+    device: str = param("cpu", "where stage 04 trains M: cpu | cuda | auto (cuda when available)",
+                        choices=DEVICES)
 
     def model_config(self) -> MDNRNNConfig:
         return config_subset(MDNRNNConfig, self)
@@ -137,6 +140,8 @@ class ControllerConfig(LinearControllerConfig):
     eval_episodes: int = param(8, "held-out episodes per re-evaluation", minimum=1)
     workers: int = param(2, "worker processes, each holding an env plus V and M", minimum=1)
     threads: int = param(2, "torch threads of the batched dream (controller.env: dream)", minimum=1)
+    device: str = param("cpu", "where the batched dream runs M (controller.env: dream): cpu | cuda | auto; the "
+                        "real-env workers stay on CPU", choices=DEVICES)
     worker_timeout_s: float = param(0.0, "a task running longer is a hung worker, killed and re-run; 0: derived "
                                     "from the episode length and the slowest episode so far", minimum=0)
     max_retries: int = param(2, "re-runs of a task whose worker crashed or hung", minimum=0)

@@ -132,16 +132,16 @@ def _epoch_loop(
 # ---------------------------------------------------------------- V
 
 
-def resolve_device(name: str) -> torch.device:
-    """vision.device (cpu | cuda | auto) -> a torch.device.
+def resolve_device(name: str, key: str = "vision.device") -> torch.device:
+    """The value of a device key (cpu | cuda | auto) -> a torch.device.
 
     Raises:
-        UserError: cuda asked for on a machine where torch sees no CUDA device.
+        UserError: cuda asked for on a machine where torch sees no CUDA device (naming `key`).
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("vision.device=cuda but torch sees no CUDA device here; use cpu or auto")
+        raise UserError(f"{key}=cuda but torch sees no CUDA device here; use cpu or auto")
     return torch.device(name)
 
 
@@ -211,7 +211,9 @@ def train_vision(cfg: Config, model: torch.nn.Module, train_files: list[str], tr
 def _latent_batch_loss(model: MDNRNN, data: LatentWindows, pairs, cfg: Config, gen: torch.Generator) -> dict:
     """Sample z from the stored posteriors (mu, logvar) and compute the masked loss on windows `pairs`."""
     b = {k: torch.from_numpy(v) for k, v in data.batch(pairs).items()}
-    z = b["mu"] + torch.randn(b["mu"].shape, generator=gen) * (0.5 * b["logvar"]).exp()
+    z = b["mu"] + torch.randn(b["mu"].shape, generator=gen) * (0.5 * b["logvar"]).exp()  # drawn on the CPU
+    device = next(model.parameters()).device
+    z, b = z.to(device), {k: v.to(device) for k, v in b.items()}
     mc = cfg.mdnrnn
     return mdnrnn_loss(
         model, z, b["actions"], b["rewards"], b["done"], b["next_valid"], b["step_valid"], mc.reward_weight, mc.done_weight
@@ -223,6 +225,7 @@ def train_mdnrnn(cfg: Config, train_files: list[str], val_files: list[str], z_di
     mc = cfg.mdnrnn
     torch.set_num_threads(mc.threads)
     model = build_model("memory", "mdnrnn", mc.model_config(), z_dim=z_dim, action_dim=action_dim)
+    model.to(resolve_device(mc.device, "mdnrnn.device"))  # before the optimizer: a resumed Adam state follows
     optimizer = torch.optim.Adam(model.parameters(), lr=mc.lr)
     start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model, optimizer)
     train_data, val_data = LatentWindows(train_files, mc.seq_len), LatentWindows(val_files, mc.seq_len)
