@@ -53,15 +53,18 @@ def init_random_worker(env_cfg: EnvConfig) -> dict:
 
 
 def random_task(state: dict, task: dict) -> dict:
+    """One random-policy episode through the episode loop: {"steps"}."""
     episode = run_episode(state["env"], state["policy"], task["seed"], task["max_steps"])
     return {"steps": episode.steps}
 
 
 def init_noop() -> dict:
+    """Worker state of the empty task."""
     return {}
 
 
 def noop_task(state: dict, task: int) -> int:
+    """The empty task: returns its argument."""
     return task
 
 
@@ -75,6 +78,7 @@ def task_overhead_s(pool, n: int = 200) -> float:
 
 
 def measure(pool, tasks: list) -> float:
+    """Env steps/s of `tasks` on `pool`, after one warm-up task per worker."""
     pool.map(tasks[: len(pool.workers)])  # warm-up: imports, first reset
     start = time.perf_counter()
     results = pool.map(tasks)

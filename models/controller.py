@@ -131,6 +131,7 @@ class LinearController:
 
     @property
     def num_params(self) -> int:
+        """A * (in_dim + 1): the length of C's flat parameter vector."""
         return self.action_dim * (self.in_dim + 1)
 
     def set_params(self, flat) -> None:
@@ -140,15 +141,19 @@ class LinearController:
         self.params = flat.clone()
 
     def get_params(self) -> np.ndarray:
+        """A copy of C's flat parameters, float32 (num_params,), W row-major then b."""
         return self.params.numpy().copy()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """{"params": float32 (num_params,)}: what a checkpoint stores (models.checkpoint_dict)."""
         return {"params": self.params.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the parameters of a `state_dict`. Raises ValueError on a vector of the wrong size."""
         self.set_params(state["params"])
 
     def eval(self) -> "LinearController":
+        """No-op (C has no training mode); lets checkpoint loading treat every model alike."""
         return self
 
     def __call__(self, z: torch.Tensor, h: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:

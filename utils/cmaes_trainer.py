@@ -140,10 +140,12 @@ class ResumableCMAES:
 
     @property
     def mean(self) -> np.ndarray:
+        """The CMA-ES mean, float64 (num_params,)."""
         return np.asarray(self.es.mean, dtype=np.float64)
 
     @property
     def sigma(self) -> float:
+        """The CMA-ES step size."""
         return float(self.es.sigma)
 
     def arrays(self) -> dict[str, np.ndarray]:

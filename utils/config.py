@@ -42,6 +42,8 @@ from utils.errors import UserError
 
 @dataclass
 class EnvConfig:
+    """The real environment and how its frames become V's input."""
+
     id: str = param("CarRacing-v3", "gymnasium id of the real environment (PandaReach*: panda-gym)")
     frame_size: int = param(64, "V's input: frames are resized to frame_size x frame_size RGB", minimum=1)
     crop_dashboard: bool = param(False, "drop CarRacing's bottom 12 dashboard rows before resizing")
@@ -61,6 +63,8 @@ DEVICES = ("cpu", "cuda", "auto")
 
 @dataclass
 class RolloutsConfig:
+    """Stage 01: the episodes recorded for V and M."""
+
     episodes: int = param(1000, "episodes to record for V and M (indices already on disk are skipped)", minimum=1)
     policy: str = param("brownian", "brownian (ctallec/world-models) | uniform | controller (a trained C, "
                         "rollouts.controller)", choices=ROLLOUT_POLICIES)
@@ -98,6 +102,8 @@ class VisionConfig(NVAEConfig):
 
 @dataclass
 class LatentsConfig:
+    """Stage 03."""
+
     batch_size: int = param(500, "frames encoded per forward pass", minimum=1)
 
 
@@ -118,6 +124,7 @@ class MemoryConfig(MDNRNNConfig):
                         choices=DEVICES)
 
     def model_config(self) -> MDNRNNConfig:
+        """M's config dataclass, read from this section."""
         return config_subset(MDNRNNConfig, self)
 
 
@@ -149,11 +156,14 @@ class ControllerConfig(LinearControllerConfig):
                                     minimum=0)
 
     def model_config(self) -> LinearControllerConfig:
+        """C's config dataclass, read from this section."""
         return config_subset(LinearControllerConfig, self)
 
 
 @dataclass
 class EvaluateConfig:
+    """Stage 06."""
+
     episodes: int = param(100, "evaluation episodes, on seeds disjoint from every training seed", minimum=1)
     params: str = param("best", "best (best held-out re-evaluation) | mean (final CMA-ES mean)",
                         choices=("best", "mean"))
@@ -171,6 +181,8 @@ BACKENDS = ("local", "ray")
 
 @dataclass
 class BackendConfig:
+    """Where stages 01, 05 and 06 play the real env (utils.parallel.make_pool)."""
+
     kind: str = param("local", "where the real-env episodes of stages 01, 05 and 06 run: local (worker processes "
                       "on this machine, the stages' workers keys) | ray (long-lived actors on a Ray cluster)",
                       choices=BACKENDS)
@@ -181,6 +193,8 @@ class BackendConfig:
 
 @dataclass
 class Config:
+    """One experiment: its folder, its seed and a section per stage."""
+
     run_dir: str = param("", "every artifact of the experiment goes under this folder (required)")
     seed: int = param(0, "run seed; every episode seed derives from it (utils/seeding.py)", minimum=0)
     env: EnvConfig = param(EnvConfig(), "the real environment")
@@ -323,10 +337,12 @@ def load_config(paths: str | list[str], overrides: list[str] | None = None) -> C
 
 
 def config_to_dict(cfg: Config) -> dict:
+    """The resolved config as plain dicts (written beside every artifact)."""
     return dataclasses.asdict(cfg)
 
 
 def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 

@@ -50,6 +50,7 @@ class RandomPolicy:
         self.high = action_space.high.astype(np.float32)
 
     def reset(self, seed: int) -> None:
+        """A new episode: the generator seeded with the episode's env seed, the walk started uniformly."""
         self.rng = np.random.default_rng(seed)
         self.action = self._uniform()
 
@@ -71,6 +72,7 @@ class AgentPolicy:
         self.agent, self.noise_std = agent, noise_std
 
     def reset(self, seed: int) -> None:
+        """A new episode: M's state h = 0, the noise generator seeded with the episode's env seed."""
         self.agent.reset()
         self.rng = np.random.default_rng(seed)
 
@@ -80,6 +82,8 @@ class AgentPolicy:
 
 @dataclass
 class Episode:
+    """What run_episode returns."""
+
     ret: float  # the return: sum of rewards
     steps: int
     early_stopped: bool = False

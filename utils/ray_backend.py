@@ -50,9 +50,11 @@ class EpisodeActor:
         self.state, self.task_fn = init_fn(*ray.get(shared)), task_fn
 
     def ready(self) -> int:
+        """The actor's process id, once its state is built."""
         return os.getpid()
 
     def run(self, task: Any) -> tuple[int, Any]:
+        """(process id, task_fn(state, task)): the id tells the driver when the actor was restarted."""
         return os.getpid(), self.task_fn(self.state, task)
 
 
@@ -124,6 +126,7 @@ class RayPool:
 
     @property
     def workers(self) -> list:
+        """The actors (WorkerPool's name for its processes)."""
         return self.actors
 
     @property
@@ -139,6 +142,7 @@ class RayPool:
         self.close()
 
     def close(self) -> None:
+        """Kill every actor for good (no restart)."""
         import ray
 
         for actor in self.actors:
