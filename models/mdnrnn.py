@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from models.hparams import param
 
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (1, B, hidden)
 
 
@@ -42,12 +43,15 @@ def mdn_nll(params: MixtureParams, target: torch.Tensor) -> torch.Tensor:
     target float (..., D); params fields (..., D, K). Returns float (...), nats.
     Equal to -MixtureSameFamily(Categorical(logits=logit_pi),
     Normal(mu, exp(log_sigma))).log_prob(target).sum(-1).
+
+    With log pi_k = logit_k - logsumexp(logit), log sum_k pi_k N_k is
+    logsumexp(logit + log N) - logsumexp(logit): the same quantity without a
+    log_softmax over (..., D, K) and its backward (5 % of a training step).
     """
     t = target.unsqueeze(-1)  # (..., D, 1)
     log_normal = -0.5 * ((t - params.mu) * torch.exp(-params.log_sigma)).pow(2) - params.log_sigma
-    log_normal = log_normal - 0.5 * math.log(2 * math.pi)
-    log_pi = F.log_softmax(params.logit_pi, dim=-1)
-    return -torch.logsumexp(log_pi + log_normal, dim=-1).sum(dim=-1)
+    log_mixture = torch.logsumexp(params.logit_pi + log_normal, dim=-1) - torch.logsumexp(params.logit_pi, dim=-1)
+    return target.shape[-1] * HALF_LOG_2PI - log_mixture.sum(dim=-1)
 
 
 def mdn_sample(params: MixtureParams, temperature: float = 1.0, generator=None) -> torch.Tensor:

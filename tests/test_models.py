@@ -39,6 +39,18 @@ def test_mdn_nll_matches_mixture_same_family():
     torch.testing.assert_close(mdn_nll(params, target), expected)
 
 
+def test_mdn_nll_gradients_match_mixture_same_family():
+    torch.manual_seed(1)
+    fields = [torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    target = torch.randn(3, 4, dtype=torch.float64)
+    ours = torch.autograd.grad(mdn_nll(MixtureParams(*fields), target).sum(), fields)
+    logit, mu, log_sigma = fields
+    mix = D.MixtureSameFamily(D.Categorical(logits=logit), D.Normal(mu, log_sigma.exp()))
+    theirs = torch.autograd.grad(-mix.log_prob(target).sum(), fields)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
 def test_mdn_nll_is_finite_far_from_every_component():
     params = MixtureParams(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.full((1, 2, 3), -5.0))
     nll = mdn_nll(params, torch.full((1, 2), 1e3))
