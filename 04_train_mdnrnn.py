@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Stage 04: train the MDN-RNN M on sequences of latents.
+"""Stage 04: train the memory model M (memory.kind: mdnrnn | rssm) on sequences of latents.
 
     python 04_train_mdnrnn.py --config configs/carracing_vae.yaml
 
 Reads <run_dir>/latents/ (z_dim and action_dim come from its manifest),
 trains on windows of z sampled from each frame's mu and logvar, and writes
-<run_dir>/mdnrnn/: best.pt (lowest held-out loss), latest.pt (resume by
-rerunning), train_log.jsonl (held-out NLL per epoch) and manifest.json.
+<run_dir>/mdnrnn/ (the folder of M, whatever its kind): best.pt (lowest
+held-out loss), latest.pt (resume by rerunning), train_log.jsonl (held-out NLL
+of z_{t+1} in nats per dimension, per epoch) and manifest.json.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from utils.data import check_latents, split_episodes
 from utils.errors import UserError
 from utils.io import list_episodes, load_episode, read_manifest, write_manifest
 from utils.seeding import seed_everything
-from utils.training import resolve_device, train_mdnrnn
+from utils.training import resolve_device, train_memory
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,14 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     for f in files:  # every episode must come from the V the manifest names, else z means different things
         if str(load_episode(f, ("vision_sha256",))["vision_sha256"]) != sha:
             raise UserError(f"{f}: encoded by another vision checkpoint than {latents}/manifest.json names; rerun 03")
-    train, held = split_episodes(files, cfg.mdnrnn.holdout_fraction, cfg.seed)
+    train, held = split_episodes(files, cfg.memory.holdout_fraction, cfg.seed)
     if not held:
         raise UserError(f"{latents}: need at least 2 episodes to hold one out (found {len(files)})")
-    resolve_device(cfg.mdnrnn.device, "mdnrnn.device")
+    resolve_device(cfg.memory.device, "memory.device")
     out_dir = open_stage_dir(cfg, "mdnrnn")
-    print(f"[04] MDN-RNN z={sizes['z_dim']} a={sizes['action_dim']}: {len(train)} training / {len(held)} held-out episodes")
+    print(f"[04] M = {cfg.memory.kind}, z={sizes['z_dim']} a={sizes['action_dim']}: {len(train)} training / {len(held)} held-out episodes")
     start = time.perf_counter()
-    history = train_mdnrnn(cfg, train, held, sizes["z_dim"], sizes["action_dim"], out_dir)
+    history = train_memory(cfg, train, held, sizes["z_dim"], sizes["action_dim"], out_dir)
     best = min(history, key=lambda r: r["val_loss"])
     write_manifest(
         out_dir,

@@ -36,7 +36,7 @@ from utils.training import resolve_device
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[1])
     parser.add_argument("--vision", help="vision checkpoint (default: <run_dir>/vision/best.pt)")
-    parser.add_argument("--mdnrnn", help="MDN-RNN checkpoint (default: <run_dir>/mdnrnn/best.pt)")
+    parser.add_argument("--mdnrnn", help="M's checkpoint, any memory kind (default: <run_dir>/mdnrnn/best.pt)")
     parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     args = parser.parse_args(argv)
     cfg = load_stage_config(args)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         files = list_episodes(stage_dir(cfg, "latents"), "latents")
         check_latents(files)
         dream = (mdnrnn.to(resolve_device(cc.device, "controller.device")), start_latents(files))
-    controller = LinearController.for_world_model(cc.model_config(), vision.z_dim, mdnrnn.hidden, low, high,
+    controller = LinearController.for_world_model(cc.model_config(), mdnrnn.feature_dim, low, high,
                                                   info_input_dims(cfg.env))
     trainer = ControllerTrainer(cfg, vision_path, mdnrnn_path, controller, stage_dir(cfg, "controller"), dream)
     state = trainer.load_or_create(args.overwrite)  # a bad resume state stops the stage before anything is written

@@ -39,7 +39,7 @@ from utils.report import write_compare_report
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[1], config_required=False)
     parser.add_argument("--vision", help="vision checkpoint (default: <run_dir>/vision/best.pt)")
-    parser.add_argument("--mdnrnn", help="MDN-RNN checkpoint (default: <run_dir>/mdnrnn/best.pt)")
+    parser.add_argument("--mdnrnn", help="M's checkpoint, any memory kind (default: <run_dir>/mdnrnn/best.pt)")
     parser.add_argument("--controller", help="controller checkpoint (default: <run_dir>/controller/controller.pt)")
     parser.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="evaluated runs to compare (no --config)")
     parser.add_argument("--out", default="runs/compare.md", help="where --compare writes its report")

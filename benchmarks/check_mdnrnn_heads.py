@@ -28,12 +28,21 @@ from utils.io import list_episodes, load_episode  # noqa: E402
 
 
 @torch.no_grad()
-def head_predictions(mdnrnn, episode: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted reward float (T,) and done probability float (T,) for one latent episode."""
-    z = torch.from_numpy(episode["mu"])[None]
-    a = torch.from_numpy(episode["actions"].astype(np.float32))[None]
-    _, reward, done_logit, _ = mdnrnn(z, a)
-    return reward[0].numpy(), torch.sigmoid(done_logit[0]).numpy()
+def head_predictions(memory, episode: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted reward float (T,) and done probability float (T,) for one latent episode, by filtering
+    through M's interface (any memory kind): the heads of step t read the state after a_t and z_{t+1} (after
+    the last action, which has no next frame, M imagines z_{t+1})."""
+    z = torch.from_numpy(episode["mu"])
+    a = torch.from_numpy(episode["actions"].astype(np.float32))
+    state = memory.observe(memory.initial_state(1), z[:1])
+    rewards, dones = [], []
+    for t in range(len(a)):
+        state = memory.transition(state, a[t : t + 1])
+        state = memory.observe(state, z[t + 1 : t + 2]) if t + 1 < len(z) else memory.imagine(state)
+        reward, done_logit = memory.heads(state)
+        rewards.append(float(reward[0]))
+        dones.append(float(torch.sigmoid(done_logit[0])))
+    return np.array(rewards, np.float32), np.array(dones, np.float32)
 
 
 def head_metrics(pred_reward, real_reward, done_prob, real_done) -> dict:
@@ -54,11 +63,11 @@ def head_metrics(pred_reward, real_reward, done_prob, real_done) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
-    parser.add_argument("--mdnrnn", help="MDN-RNN checkpoint (default: <run_dir>/mdnrnn/best.pt)")
+    parser.add_argument("--mdnrnn", help="M's checkpoint, any memory kind (default: <run_dir>/mdnrnn/best.pt)")
     args = parser.parse_args(argv)
     cfg = load_stage_config(args)
     mdnrnn, _ = load_model(args.mdnrnn or os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt"), "memory")
-    _, held = split_episodes(list_episodes(stage_dir(cfg, "latents"), "latents"), cfg.mdnrnn.holdout_fraction, cfg.seed)
+    _, held = split_episodes(list_episodes(stage_dir(cfg, "latents"), "latents"), cfg.memory.holdout_fraction, cfg.seed)
     columns = {"pred_reward": [], "real_reward": [], "done_prob": [], "real_done": []}
     for path in held:
         episode = load_episode(path, LATENT_KEYS)

@@ -21,7 +21,7 @@ each torch thread count of `--threads`):
 - 02 step:    ours = the next batch from utils.data.iterate_frame_batches (npz loading, shuffling) + the update;
   the reference's DataLoader needs torchvision, so it has no row.
 - 02 NVAE:    ours only, the NVAE of configs/carracing_nvae.yaml at the same batch (the reference has none).
-- 04 update:  ours = utils.training.mdnrnn_update (windows of stored latents batched, z sampled from mu and
+- 04 update:  ours = utils.training.memory_update (windows of stored latents batched, z sampled from mu and
   logvar, per-dimension mixture NLL + reward MSE + done BCE, masks, NaN guard, clipping, fused Adam);
   reference = its MDRNN + gmm_loss + BCE + MSE, RMSprop(lr 1e-3, alpha 0.9), on the same z windows.
 - 04 step:    what one training step of each stage 04 costs as written: ours is the update above (stage 03
@@ -53,7 +53,7 @@ from utils.config import RolloutsConfig, load_config  # noqa: E402
 from utils.data import LatentWindows, iterate_frame_batches  # noqa: E402
 from utils.episodes import init_recorder, record_task  # noqa: E402
 from utils.io import episode_path, load_episode, save_bytes, save_npz  # noqa: E402
-from utils.training import build_model, make_adam, mdnrnn_update, train_vision, vision_update  # noqa: E402
+from utils.training import build_model, make_adam, memory_update, train_vision, vision_update  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V_BATCH, M_BATCH, SEQ_LEN, Z_DIM, HIDDEN, GAUSSIANS = 32, 16, 32, 32, 256, 5
@@ -154,8 +154,8 @@ def memory_rows(rollouts: list[str], latents: list[str], reference: dict | None)
     data = LatentWindows(latents, SEQ_LEN)
     action_dim = data.episodes[0]["actions"].shape[1]
     torch.manual_seed(0)
-    ours = build_model("memory", "mdnrnn", cfg.mdnrnn.model_config(), z_dim=Z_DIM, action_dim=action_dim).train()
-    opt = make_adam(ours, cfg.mdnrnn.lr)
+    ours = build_model("memory", "mdnrnn", cfg.memory.model_config(), z_dim=Z_DIM, action_dim=action_dim).train()
+    opt = make_adam(ours, cfg.memory.lr)
     gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
 
     def epoch_batches():
@@ -164,7 +164,7 @@ def memory_rows(rollouts: list[str], latents: list[str], reference: dict | None)
         return [[pairs[i] for i in order[b : b + M_BATCH]] for b in range(0, max(1, len(order) - M_BATCH + 1), M_BATCH)]
 
     batches = cycle(epoch_batches)
-    rows = {"04 update": lambda: mdnrnn_update(ours, opt, data, next(batches), cfg, gen)}  # also our 04 step
+    rows = {"04 update": lambda: memory_update(ours, opt, data, next(batches), cfg, gen)}  # also our 04 step
     if reference:
         theirs = reference["MDRNN"](Z_DIM, action_dim, HIDDEN, GAUSSIANS).train()
         their_opt = torch.optim.RMSprop(theirs.parameters(), lr=1e-3, alpha=0.9)

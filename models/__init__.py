@@ -1,7 +1,7 @@
 """The method: vision V, memory M, controller C, the agent and the dream. Imports torch, numpy, gymnasium only.
 
 - V: `vae.py` (ConvVAE, VAEConfig), `nvae.py` (NVAE, NVAEConfig), `likelihood.py` (p(x|z) and the pixel format)
-- M: `mdnrnn.py` (MDNRNN, MDNRNNConfig, its loss)
+- M: `mdnrnn.py` (MDNRNN, MDNRNNConfig, its loss), `rssm.py` (RSSM, RSSMConfig: Gaussian or discrete state)
 - C: `controller.py` (LinearController, its parameter layout and squashing)
 - `agent.py`: one V -> C -> M step on a V-ready frame; `dream.py`: M as a gymnasium.Env and the batched dream
 
@@ -9,6 +9,18 @@ The registries below name every kind a config may ask for; `build` makes a fresh
 checkpoint dict (`checkpoint_dict` / `from_checkpoint_dict`) holds only tensors and plain types:
 {"kind", "config" (the model's config dataclass as a dict), "sizes" (what the data fixed), "state_dict", ...}.
 Reading and writing files is utils/checkpoints.py's job.
+
+Every M kind has one interface, which the agent, the dream and C's training use (B: batch; a state is a
+tuple of float32 tensors, batch first):
+
+    state = M.initial_state(B)                     before the first observation
+    state = M.observe(state, z)                    fold in the real latent z_t (B, z_dim) (filtering)
+    x = M.features(state)                          what C reads, (B, M.feature_dim)
+    state = M.transition(state, a)                 the deterministic step with action a_t (B, A), differentiable
+    state = M.imagine(state, temperature, gen)     sample the next latent state from M's prior (dreaming)
+    reward, done_logit = M.heads(state)            (B,) each: the reward for a_t and whether the episode ended
+    z = M.latent(state)                            the z (B, z_dim) the state stands for (to decode through V)
+    terms = M.loss(z, a, reward, done, next_valid, step_valid, ...)   stage 04's masked loss on windows
 """
 
 from __future__ import annotations
@@ -19,10 +31,11 @@ from models.controller import LinearController
 from models.hparams import config_from_dict
 from models.mdnrnn import MDNRNN
 from models.nvae import NVAE
+from models.rssm import RSSM
 from models.vae import ConvVAE
 
 VISION_KINDS = {"vae": ConvVAE, "nvae": NVAE}
-MEMORY_KINDS = {"mdnrnn": MDNRNN}
+MEMORY_KINDS = {"mdnrnn": MDNRNN, "rssm": RSSM}
 CONTROLLER_KINDS = {"linear": LinearController}
 FAMILIES = {"vision": VISION_KINDS, "memory": MEMORY_KINDS, "controller": CONTROLLER_KINDS}
 

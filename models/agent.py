@@ -5,8 +5,9 @@ A frame's path from the env to an action, all in models/:
     frame uint8 (S, S, 3), V-ready (utils.envs.make_env resizes it)
     -> likelihood.frames_to_tensor          float32 (1, 3, S, S) in [0, 1]
     -> V.encode (vae.py / nvae.py)          z = mu (1, z_dim), the posterior mean
-    -> C([z, h] (+ info inputs)) (controller.py)   action float32 (1, A) within the env's bounds
-    -> M.advance(z, action) (mdnrnn.py)     h for the next frame
+    -> M.observe(state, z)                  M's state holds z_t (mdnrnn.py: [z_t, h_t]; rssm.py: [h_t, s_t])
+    -> C(M.features(state) (+ info inputs)) (controller.py)   action float32 (1, A) within the env's bounds
+    -> M.transition(state, action)          the state for the next frame
 
 On PandaReach, C may also read info["proprio"] (the 7 joint angles) and, as an
 upper bound, info["desired_goal"] (controller.inputs).
@@ -21,12 +22,13 @@ from models.likelihood import frames_to_tensor
 
 
 class Agent:
-    """V, M and C acting together (no gradients), for any V kind; M is an MDN-RNN and C a linear controller.
+    """V, M and C acting together (no gradients), for any V kind and any M kind.
 
     Args:
         vision: a trained V (encode: float32 (B, 3, S, S) -> mu, logvar (B, z_dim)).
-        memory: a trained M (initial_state(B), advance(z, a, state), state[0][0] = h (B, hidden)).
-        controller: C (z, h, extra) -> action (B, A) in the env's bounds; `info_vector(info)` gives extra.
+        memory: a trained M with the interface of models/__init__.py (initial_state, observe, features,
+            transition).
+        controller: C (features, extra) -> action (B, A) in the env's bounds; `info_vector(info)` gives extra.
     """
 
     def __init__(self, vision, memory, controller):
@@ -34,7 +36,7 @@ class Agent:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the episode: h = 0."""
+        """Forget the episode: M's initial state."""
         self.state = self.memory.initial_state(1)
 
     @torch.inference_mode()
@@ -47,9 +49,10 @@ class Agent:
         sees the action (Ha & Schmidhuber section 5: M learns from what was played).
         """
         z, _ = self.vision.encode(frames_to_tensor(frame[None]))  # (1, D): the posterior mean
-        action = self.controller(z, self.state[0][0], self.controller.info_vector(info or {}))  # (1, A)
+        self.state = self.memory.observe(self.state, z)
+        action = self.controller(self.memory.features(self.state), self.controller.info_vector(info or {}))
         if noise_std > 0:
             noisy = action.numpy() + rng.normal(0.0, noise_std, action.shape)
             action = torch.from_numpy(np.clip(noisy, self.controller.low, self.controller.high).astype(np.float32))
-        self.state = self.memory.advance(z, action, self.state)
+        self.state = self.memory.transition(self.state, action)
         return action[0].numpy()

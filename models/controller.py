@@ -66,14 +66,14 @@ def batched_actions(params: torch.Tensor, x: torch.Tensor, low, high) -> torch.T
 class LinearControllerConfig:
     """C's hyperparameters. Its input size and action bounds come from V, M and the env."""
 
-    inputs: str = param("z_h", "what C sees: z_h ([z, h], pixels only) | z_h_proprio (+ the joint angles; "
-                        "PandaReach) | z_h_proprio_goal (+ the goal position from the state: an upper bound, "
-                        "not from pixels)", choices=tuple(INFO_INPUTS))
+    inputs: str = param("z_h", "what C sees: z_h (M's features: [z, h] for the MDN-RNN, [h, s] for the RSSM; "
+                        "pixels only) | z_h_proprio (+ the joint angles; PandaReach) | z_h_proprio_goal (+ the goal "
+                        "position from the state: an upper bound, not from pixels)", choices=tuple(INFO_INPUTS))
 
 
 class LinearController:
-    """a = squash(W x + b) with x = [z, h, info entries of INFO_INPUTS[inputs]] float32 (B, in_dim) -> a float32
-    (B, A) in bounds.
+    """a = squash(W x + b) with x = [M's features, info entries of INFO_INPUTS[inputs]] float32 (B, in_dim) -> a
+    float32 (B, A) in bounds; the features are [z, h] for the MDN-RNN and [h, s] for the RSSM.
 
     Args:
         config: LinearControllerConfig; in_dim: size of x; action_low, action_high: float (A,) bounds.
@@ -98,10 +98,11 @@ class LinearController:
         self.params = torch.zeros(self.num_params)
 
     @classmethod
-    def for_world_model(cls, config: LinearControllerConfig, z_dim: int, hidden: int, action_low, action_high,
+    def for_world_model(cls, config: LinearControllerConfig, feature_dim: int, action_low, action_high,
                         info_dims: dict[str, int] | None = None) -> "LinearController":
-        """The controller of a V with z_dim and an M with `hidden` units, plus the sizes `info_dims` of the env's
-        info entries that config.inputs names (utils.envs.info_input_dims).
+        """The controller of an M whose features C reads have `feature_dim` entries (M.feature_dim: z_dim +
+        hidden for the MDN-RNN), plus the sizes `info_dims` of the env's info entries that config.inputs names
+        (utils.envs.info_input_dims).
 
         Raises:
             ValueError: `inputs` names an entry the env does not give (e.g. proprio on CarRacing).
@@ -112,7 +113,7 @@ class LinearController:
             raise ValueError(f"controller inputs {config.inputs} need info[{missing[0]!r}], which this env does "
                              "not give")
         extra = sum(info_dims[key] for key in INFO_INPUTS.get(config.inputs, ()))
-        return cls(config, z_dim + hidden + extra, action_low, action_high)
+        return cls(config, feature_dim + extra, action_low, action_high)
 
     def sizes(self) -> dict:
         """The sizes V, M and the env fixed (stored beside the config in a checkpoint)."""
@@ -156,10 +157,10 @@ class LinearController:
         """No-op (C has no training mode); lets checkpoint loading treat every model alike."""
         return self
 
-    def __call__(self, z: torch.Tensor, h: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """z (B, D), h (B, H) and, for inputs beyond z_h, extra (B, E) = `info_vector`, float32 -> action (B, A)."""
-        parts = [z, h] if extra is None else [z, h, extra.to(z.dtype)]
-        x = torch.cat(parts, dim=-1)  # (B, in_dim)
+    def __call__(self, features: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """M's features (B, F) ([z, h] for the MDN-RNN) and, for inputs beyond z_h, extra (B, E) = `info_vector`,
+        float32 -> action (B, A)."""
+        x = features if extra is None else torch.cat([features, extra.to(features.dtype)], dim=-1)  # (B, in_dim)
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"controller ({self.inputs}) takes {self.in_dim} inputs, got {x.shape[-1]}")
         w, b = split_params(self.params, self.action_dim, self.in_dim)

@@ -20,16 +20,16 @@ from typing import Any, Callable
 
 
 def param(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
-          above: float | None = None, below: float | None = None) -> Any:
+          maximum: float | None = None, above: float | None = None, below: float | None = None) -> Any:
     """A dataclass field with its documentation and its bounds.
 
     Args:
         default: the default value (a dataclass instance becomes a default_factory).
         help: what the field means, with its unit.
         choices: the allowed values (for strings: usually a registry's keys).
-        minimum: value >= minimum; above: value > above; below: value < below.
+        minimum: value >= minimum; maximum: value <= maximum; above: value > above; below: value < below.
     """
-    meta = {"help": help, "choices": choices, "minimum": minimum, "above": above, "below": below}
+    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above, "below": below}
     if dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -44,6 +44,8 @@ def check_value(f: dataclasses.Field, value: Any) -> str | None:
         return f"expected a finite number, got {value!r}"
     if meta.get("minimum") is not None and not value >= meta["minimum"]:
         return f"expected a value >= {meta['minimum']:g}, got {value!r}"
+    if meta.get("maximum") is not None and not value <= meta["maximum"]:
+        return f"expected a value <= {meta['maximum']:g}, got {value!r}"
     if meta.get("above") is not None and not value > meta["above"]:
         return f"expected a value > {meta['above']:g}, got {value!r}"
     if meta.get("below") is not None and not value < meta["below"]:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from models.hparams import param
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (1, B, hidden)
+LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (1, B, hidden): nn.LSTM's form
+MDNState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (h, c) each (B, hidden), z (B, z_dim)
 
 
 class MixtureParams(NamedTuple):
@@ -74,10 +75,11 @@ def mdn_sample(params: MixtureParams, temperature: float = 1.0, generator=None) 
 class MDNRNNConfig:
     """M's hyperparameters. z_dim and action_dim are not among them: they come from the latents."""
 
-    hidden: int = param(256, "LSTM units (h, the part of C's input M gives)", minimum=1)
-    gaussians: int = param(5, "mixture components per latent dimension", minimum=1)
-    min_log_sigma: float = param(-5.0, "each component's sigma is bounded to [exp(min_log_sigma), "
-                                 "exp(max_log_sigma)]")
+    hidden: int = param(256, "units of h: the LSTM of the MDN-RNN (C reads [z, h]), the GRU of the RSSM",
+                        minimum=1)
+    gaussians: int = param(5, "mdnrnn: mixture components per latent dimension", minimum=1)
+    min_log_sigma: float = param(-5.0, "each sigma of M's prediction of z (mixture components; the RSSM's z head) "
+                                 "is bounded to [exp(min_log_sigma), exp(max_log_sigma)]")
     max_log_sigma: float = param(2.0, "upper bound of log sigma (see min_log_sigma)")
 
 
@@ -114,14 +116,15 @@ class MDNRNN(nn.Module):
         """The sizes the data fixed (stored beside the config in a checkpoint)."""
         return {"z_dim": self.z_dim, "action_dim": self.action_dim}
 
-    def _heads(self, h: torch.Tensor) -> tuple[MixtureParams, torch.Tensor, torch.Tensor]:
+    def _mixture(self, h: torch.Tensor) -> MixtureParams:
+        """h (..., hidden) -> the mixture of z_{t+1}, fields (..., D, K), sigmas bounded."""
         out = self.mdn_head(h).view(*h.shape[:-1], self.z_dim, 3, self.gaussians)
         logit_pi, mu, raw_sigma = out.unbind(dim=-2)  # each (..., D, K)
         span = self.max_log_sigma - self.min_log_sigma
-        log_sigma = self.min_log_sigma + span * torch.sigmoid(raw_sigma)
-        reward = self.reward_head(h).squeeze(-1)
-        done_logit = self.done_head(h).squeeze(-1)
-        return MixtureParams(logit_pi, mu, log_sigma), reward, done_logit
+        return MixtureParams(logit_pi, mu, self.min_log_sigma + span * torch.sigmoid(raw_sigma))
+
+    def _heads(self, h: torch.Tensor) -> tuple[MixtureParams, torch.Tensor, torch.Tensor]:
+        return self._mixture(h), self.reward_head(h).squeeze(-1), self.done_head(h).squeeze(-1)
 
     def forward(
         self, z: torch.Tensor, a: torch.Tensor, state: LSTMState | None = None
@@ -132,24 +135,55 @@ class MDNRNN(nn.Module):
         params, reward, done_logit = self._heads(h)
         return params, reward, done_logit, state
 
-    def initial_state(self, batch: int) -> LSTMState:
-        zeros = torch.zeros(1, batch, self.hidden, device=self.mdn_head.weight.device)
-        return zeros, zeros.clone()
+    # ------------------------------------------------------------ the M interface (models/__init__.py)
 
-    def advance(self, z: torch.Tensor, a: torch.Tensor, state: LSTMState) -> LSTMState:
-        """Only the recurrent update (no heads): the cheap path for acting in the real env.
-        z (B, D), a (B, A) -> new (h, c), each (1, B, hidden)."""
-        _, state = self.lstm(torch.cat([z, a], dim=-1)[:, None], state)
-        return state
+    @property
+    def feature_dim(self) -> int:
+        """Size of what C reads, [z, h]: z_dim + hidden."""
+        return self.z_dim + self.hidden
 
-    def step(
-        self, z: torch.Tensor, a: torch.Tensor, state: LSTMState
-    ) -> tuple[MixtureParams, torch.Tensor, torch.Tensor, LSTMState]:
-        """One-step API for control and dreaming. z (B, D), a (B, A) -> params (B, D, K),
-        reward (B,), done logit (B,), new state; h = state[0][0] is (B, hidden)."""
-        params, reward, done_logit, state = self.forward(z[:, None], a[:, None], state)
-        squeeze = MixtureParams(*(p[:, 0] for p in params))
-        return squeeze, reward[:, 0], done_logit[:, 0], state
+    def initial_state(self, batch: int) -> MDNState:
+        """h = c = 0 and z = 0 before the first observation: float32 (batch, hidden) x 2, (batch, z_dim)."""
+        device = self.mdn_head.weight.device
+        zeros = torch.zeros(batch, self.hidden, device=device)
+        return zeros, zeros.clone(), torch.zeros(batch, self.z_dim, device=device)
+
+    def observe(self, state: MDNState, z: torch.Tensor, sample: bool = False, generator=None) -> MDNState:
+        """Take the real latent z (B, z_dim) as the current one (the MDN-RNN has no posterior: `sample` and
+        `generator` are accepted for the common interface)."""
+        h, c, _ = state
+        return h, c, z
+
+    def features(self, state: MDNState) -> torch.Tensor:
+        """What C reads: [z_t, h_t] float32 (B, z_dim + hidden) (Ha & Schmidhuber, fig. 8)."""
+        h, _, z = state
+        return torch.cat([z, h], dim=-1)
+
+    def transition(self, state: MDNState, a: torch.Tensor) -> MDNState:
+        """The LSTM step on [z_t, a_t], a (B, action_dim) -> h_{t+1}, c_{t+1}; z keeps z_t until observe or
+        imagine."""
+        h, c, z = state
+        _, (h, c) = self.lstm(torch.cat([z, a], dim=-1)[:, None], (h[None], c[None]))
+        return h[0], c[0], z
+
+    def imagine(self, state: MDNState, temperature: float = 1.0, generator=None) -> MDNState:
+        """z_{t+1} sampled from the mixture of h_{t+1} at temperature tau (`mdn_sample`), after `transition`."""
+        h, c, _ = state
+        return h, c, mdn_sample(self._mixture(h), temperature, generator)
+
+    def heads(self, state: MDNState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reward (B,) for the action just taken and the logit (B,) that the episode ended with it (from h)."""
+        h = state[0]
+        return self.reward_head(h).squeeze(-1), self.done_head(h).squeeze(-1)
+
+    def latent(self, state: MDNState) -> torch.Tensor:
+        """The z (B, z_dim) of the state, e.g. to decode through V."""
+        return state[2]
+
+    def loss(self, z, a, reward, done, next_valid, step_valid, reward_weight: float = 1.0,
+             done_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """`mdnrnn_loss` of this model (the training call every M kind has)."""
+        return mdnrnn_loss(self, z, a, reward, done, next_valid, step_valid, reward_weight, done_weight)
 
 
 def mdnrnn_loss(

@@ -28,7 +28,7 @@ TINY = {
     "rollouts": {"episodes": 3, "max_steps": 40, "workers": 2},
     "vision": {"z_dim": 8, "epochs": 1, "batch_size": 16, "val_frames": 32, "threads": 1},
     "latents": {"batch_size": 64},
-    "mdnrnn": {"hidden": 16, "gaussians": 3, "seq_len": 8, "batch_size": 4, "epochs": 1, "threads": 1},
+    "memory": {"hidden": 16, "gaussians": 3, "seq_len": 8, "batch_size": 4, "epochs": 1, "threads": 1},
     "controller": {
         "popsize": 4, "rollouts_per_candidate": 1, "generations": 2, "max_steps": 30,
         "early_stop_steps": 20, "eval_every": 2, "eval_episodes": 1, "workers": 2,

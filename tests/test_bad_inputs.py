@@ -262,8 +262,8 @@ CASES = [
     ("config-empty-file-01", empty_config, ("config.yaml", "empty")),
     ("config-without-run_dir-01", config_without_run_dir, ("config.yaml", "'run_dir' is required")),
     # 3. a value out of bounds
-    ("cuda-without-a-gpu-04", config_error("04_train_mdnrnn", ("latents",), mdnrnn={"device": "cuda"}),
-     ("mdnrnn.device=cuda", "no CUDA device")),
+    ("cuda-without-a-gpu-04", config_error("04_train_mdnrnn", ("latents",), memory={"device": "cuda"}),
+     ("memory.device=cuda", "no CUDA device")),
     ("cuda-without-a-gpu-dream-05", config_error("05_train_controller", ("vision", "latents", "mdnrnn"),
                                                  controller={"env": "dream", "device": "cuda"}),
      ("controller.device=cuda", "no CUDA device")),

@@ -107,9 +107,9 @@ def test_cuda_where_there_is_none_is_a_clear_error():
 def test_repeated_set_flags_accumulate():
     from utils.cli import load_stage_config, stage_parser
 
-    argv = ["--config", "configs/smoke.yaml", "--set", "vision.epochs=2", "--set", "controller.popsize=8", "mdnrnn.epochs=3"]
+    argv = ["--config", "configs/smoke.yaml", "--set", "vision.epochs=2", "--set", "controller.popsize=8", "memory.epochs=3"]
     cfg = load_stage_config(stage_parser("test").parse_args(argv))
-    assert (cfg.vision.epochs, cfg.controller.popsize, cfg.mdnrnn.epochs) == (2, 8, 3)
+    assert (cfg.vision.epochs, cfg.controller.popsize, cfg.memory.epochs) == (2, 8, 3)
 
 
 @pytest.mark.parametrize("value", ["1e400", ".nan", "-.inf"])
@@ -127,6 +127,8 @@ def test_empty_file_missing_run_dir_and_renamed_keys(tmp_path):
         load_config(write(tmp_path, {"run_dir": ""}))
     with pytest.raises(UserError, match="key 'vision.workers' was renamed to vision.threads"):
         load_config(write(tmp_path, {"vision": {"workers": 2}}))
+    with pytest.raises(UserError, match=r"key 'mdnrnn' was renamed to memory \(M's section; memory.kind"):
+        load_config(write(tmp_path, {"mdnrnn": {"hidden": 64}}))
     with pytest.raises(UserError, match=r"key 'controller.popsize': expected a value >= 2, got 1"):
         load_config(write(tmp_path, {"controller": {"popsize": 1}}))
 

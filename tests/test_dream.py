@@ -63,7 +63,7 @@ def test_batched_rollout_matches_the_one_step_api():
     generator.set_state(env._generator.get_state())
     total, done = 0.0, False
     while not done:
-        action = controller(torch.from_numpy(obs[:4])[None], torch.from_numpy(obs[4:])[None])[0].numpy()
+        action = controller(torch.from_numpy(obs)[None])[0].numpy()
         obs, reward, terminated, truncated, _ = env.step(action)
         total, done = total + reward, terminated or truncated
     batched, lengths = dream_returns(m, theta[None], starts[2:3], LOW, HIGH, 1.0, 40, generator)
@@ -81,9 +81,8 @@ def test_batched_rollout_of_a_population():
         m.done_head.bias.fill_(5.0)  # every episode ends after its first step: one reward each
     one_step, lengths = run(0)
     assert (lengths == 1).all()
-    z = torch.from_numpy(starts[[0, 1, 2, 0, 1, 2]])
-    h = torch.zeros(6, 8)
-    _, reward, _, _ = m.step(z, batched_actions(torch.from_numpy(thetas), torch.cat([z, h], 1), LOW, HIGH), m.initial_state(6))
+    state = m.observe(m.initial_state(6), torch.from_numpy(starts[[0, 1, 2, 0, 1, 2]]))
+    reward, _ = m.heads(m.transition(state, batched_actions(torch.from_numpy(thetas), m.features(state), LOW, HIGH)))
     np.testing.assert_allclose(one_step, reward.detach().double().numpy(), rtol=1e-6)
 
 

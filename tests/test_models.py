@@ -90,16 +90,16 @@ def test_mdnrnn_shapes_and_step_matches_sequence():
     params, reward, done, state = m(z, a)
     assert params.mu.shape == (2, 4, 6, 5) and reward.shape == done.shape == (2, 4)
     assert params.log_sigma.min() >= m.min_log_sigma and params.log_sigma.max() <= m.max_log_sigma
-    s = m.initial_state(2)
+    s = m.initial_state(2)  # the one-step interface: observe z_t, read [z_t, h_t], transition with a_t
     for t in range(4):
-        p_t, r_t, d_t, s = m.step(z[:, t], a[:, t], s)
-        torch.testing.assert_close(p_t.mu, params.mu[:, t])
+        s = m.observe(s, z[:, t])
+        torch.testing.assert_close(m.features(s), torch.cat([z[:, t], s[0]], -1))
+        s = m.transition(s, a[:, t])
+        r_t, d_t = m.heads(s)
+        torch.testing.assert_close(m._mixture(s[0]).mu, params.mu[:, t])
         torch.testing.assert_close(r_t, reward[:, t])
-    torch.testing.assert_close(s[0], state[0])
-    s2 = m.initial_state(2)
-    for t in range(4):
-        s2 = m.advance(z[:, t], a[:, t], s2)
-    torch.testing.assert_close(s2[0], state[0])
+        torch.testing.assert_close(d_t, done[:, t])
+    torch.testing.assert_close(s[0], state[0][0])
 
 
 def test_mdnrnn_loss_ignores_whatever_the_padding_holds():
@@ -178,7 +178,7 @@ def test_mdnrnn_round_trip_and_wrong_kind(tmp_path):
         load_model(path, "vision")
     vpath = str(tmp_path / "v.pt")
     save_model(vpath, ConvVAE(VAEConfig(z_dim=4)))
-    with pytest.raises(UserError, match="MDN-RNN trained on z_dim=8"):
+    with pytest.raises(UserError, match="m.pt: M trained on z_dim=8, but .*v.pt has z_dim=4"):
         load_world_model(vpath, path)
 
 

@@ -65,37 +65,38 @@ def test_recorded_episode_holds_proprio_and_goal(panda_env):
 
 def test_controller_with_proprio_inputs():
     low, high = -np.ones(7), np.ones(7)
-    c = LinearController.for_world_model(LinearControllerConfig("z_h_proprio"), 8, 16, low, high,
+    c = LinearController.for_world_model(LinearControllerConfig("z_h_proprio"), 8 + 16, low, high,
                                          {"proprio": 7, "desired_goal": 3})
     assert c.in_dim == 8 + 16 + 7 and c.num_params == 7 * (31 + 1) and c.info_keys == ("proprio",)
     c.set_params(np.random.default_rng(0).normal(size=c.num_params))
     z, h, q = torch.randn(2, 8), torch.randn(2, 16), torch.randn(2, 7)
-    a = c(z, h, q)
+    zh = torch.cat([z, h], -1)  # M's features for the MDN-RNN
+    a = c(zh, q)
     assert a.shape == (2, 7) and (a.abs() <= 1).all()
     # the proprio inputs are the last columns of W: zeroing them makes C ignore q
     params = c.get_params()
     params[: 7 * 31].reshape(7, 31)[:, 24:] = 0  # W is row-major (A, in_dim), then b
     c.set_params(params)
-    torch.testing.assert_close(c(z, h, q), c(z, h, torch.zeros(2, 7)))
+    torch.testing.assert_close(c(zh, q), c(zh, torch.zeros(2, 7)))
     with pytest.raises(ValueError, match="takes 31 inputs, got 24"):
-        c(z, h)
+        c(zh)
     again = LinearController(c.config, **c.sizes())
     assert again.inputs == "z_h_proprio" and again.in_dim == 31
     info = {"proprio": np.arange(7, dtype=np.float32), "desired_goal": np.array([7, 8, 9], dtype=np.float32)}
     torch.testing.assert_close(c.info_vector(info), torch.arange(7.0)[None])
-    goal = LinearController.for_world_model(LinearControllerConfig("z_h_proprio_goal"), 8, 16, low, high,
+    goal = LinearController.for_world_model(LinearControllerConfig("z_h_proprio_goal"), 8 + 16, low, high,
                                             {"proprio": 7, "desired_goal": 3})
     assert goal.in_dim == 8 + 16 + 10
     torch.testing.assert_close(goal.info_vector(info), torch.arange(10.0)[None])  # proprio, then the goal
     assert LinearController(LinearControllerConfig(), 32, low, high).info_vector(info) is None
     with pytest.raises(ValueError, match="need info\\['proprio'\\]"):
-        LinearController.for_world_model(LinearControllerConfig("z_h_proprio"), 8, 16, low, high, {})
+        LinearController.for_world_model(LinearControllerConfig("z_h_proprio"), 8 + 16, low, high, {})
 
 
 TINY_PANDA = {
     "env": PANDA_ENV,
     "rollouts": {"episodes": 3, "max_steps": 12, "policy": "uniform", "workers": 2},
-    "mdnrnn": {"seq_len": 6},
+    "memory": {"seq_len": 6},
     "controller": {"popsize": 4, "rollouts_per_candidate": 1, "generations": 1, "max_steps": 8,
                    "early_stop_steps": 0, "eval_every": 1, "eval_episodes": 1, "workers": 2},
     "evaluate": {"episodes": 3, "max_steps": 10, "workers": 2, "recon_frames": 4, "fid_frames": 0, "gif_every": 1},

@@ -79,7 +79,7 @@ def load_world_model(vision_path: str, mdnrnn_path: str, z_dim: int | None = Non
     mdnrnn, _ = load_model(mdnrnn_path, "memory")
     if mdnrnn.z_dim != vision.z_dim:
         raise UserError(
-            f"{mdnrnn_path}: MDN-RNN trained on z_dim={mdnrnn.z_dim}, but {vision_path} has z_dim={vision.z_dim}"
+            f"{mdnrnn_path}: M trained on z_dim={mdnrnn.z_dim}, but {vision_path} has z_dim={vision.z_dim}"
         )
     if z_dim is not None and vision.z_dim != z_dim:
         raise UserError(f"{vision_path}: checkpoint has z_dim={vision.z_dim} but key 'vision.z_dim' is {z_dim}")

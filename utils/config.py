@@ -31,12 +31,13 @@ from typing import Any
 
 import yaml
 
-from models import VISION_KINDS
+from models import MEMORY_KINDS, VISION_KINDS
 from models.controller import LinearControllerConfig
 from models.hparams import config_from_dict as config_from_fields
 from models.hparams import config_subset, param
 from models.mdnrnn import MDNRNNConfig
 from models.nvae import NVAEConfig
+from models.rssm import RSSMOptions
 from utils.errors import UserError
 
 
@@ -109,8 +110,12 @@ class LatentsConfig:
 
 @dataclass
 class MemoryConfig(MDNRNNConfig):
-    """M: its hyperparameters (models/mdnrnn.py MDNRNNConfig) plus stage 04's training keys."""
+    """M: its hyperparameters (models/mdnrnn.py MDNRNNConfig, models/rssm.py RSSMConfig) plus stage 04's
+    training keys."""
 
+    kind: str = param("mdnrnn", "mdnrnn (Ha & Schmidhuber's MDN-RNN) | rssm (recurrent state-space model, "
+                      "Hafner et al.)", choices=tuple(MEMORY_KINDS))
+    rssm: RSSMOptions = param(RSSMOptions(), "kind rssm: the stochastic state and its KL")
     seq_len: int = param(32, "training subsequence length (steps)", minimum=1)
     batch_size: int = param(32, "subsequences per update", minimum=1)
     epochs: int = param(20, "passes over the training windows", minimum=1)
@@ -123,9 +128,9 @@ class MemoryConfig(MDNRNNConfig):
     device: str = param("cpu", "where stage 04 trains M: cpu | cuda | auto (cuda when available)",
                         choices=DEVICES)
 
-    def model_config(self) -> MDNRNNConfig:
-        """M's config dataclass, read from this section."""
-        return config_subset(MDNRNNConfig, self)
+    def model_config(self):
+        """The config dataclass of M's kind (MDNRNNConfig or RSSMConfig), read from this section."""
+        return config_subset(MEMORY_KINDS[self.kind].config_class, self)
 
 
 @dataclass
@@ -201,7 +206,7 @@ class Config:
     rollouts: RolloutsConfig = param(RolloutsConfig(), "stage 01")
     vision: VisionConfig = param(VisionConfig(), "V, stage 02 (and 03)")
     latents: LatentsConfig = param(LatentsConfig(), "stage 03")
-    mdnrnn: MemoryConfig = param(MemoryConfig(), "M, stage 04")
+    memory: MemoryConfig = param(MemoryConfig(), "M, stage 04")
     controller: ControllerConfig = param(ControllerConfig(), "C, stage 05")
     evaluate: EvaluateConfig = param(EvaluateConfig(), "stage 06")
     backend: BackendConfig = param(BackendConfig(), "where stages 01, 05 and 06 play the real env")
@@ -210,7 +215,8 @@ class Config:
 # Keys that were renamed: a config that still uses the old name gets told the new one.
 RENAMED = {
     "vision.workers": "vision.threads (workers counts processes; V trains in one process)",
-    "mdnrnn.workers": "mdnrnn.threads (workers counts processes; M trains in one process)",
+    "mdnrnn": "memory (M's section; memory.kind: mdnrnn | rssm picks the model)",
+    "memory.workers": "memory.threads (workers counts processes; M trains in one process)",
 }
 
 
@@ -362,6 +368,7 @@ def config_help(cls: type = Config, prefix: str = "") -> str:
             allowed = " | ".join(map(str, meta["choices"]))
         else:
             bounds = [f">= {meta['minimum']:g}" if meta.get("minimum") is not None else "",
+                      f"<= {meta['maximum']:g}" if meta.get("maximum") is not None else "",
                       f"> {meta['above']:g}" if meta.get("above") is not None else "",
                       f"< {meta['below']:g}" if meta.get("below") is not None else ""]
             allowed = ", ".join(b for b in bounds if b)

@@ -158,7 +158,7 @@ def load_agent(vision: dict, memory: dict, env_cfg: EnvConfig, controller: Linea
     if isinstance(controller, dict):
         c = from_checkpoint_dict(controller, "controller")
     else:
-        c = LinearController.for_world_model(controller, vision.z_dim, memory.hidden, action_space.low,
+        c = LinearController.for_world_model(controller, memory.feature_dim, action_space.low,
                                              action_space.high, info_input_dims(env_cfg))
     return Agent(vision, memory, c)
 

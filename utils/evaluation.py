@@ -45,10 +45,10 @@ def load_evaluated_agent(cfg, vision_path: str, mdnrnn_path: str, controller_pat
     check_env(cfg.env)
     dims = info_input_dims(cfg.env)
     extra = sum(dims.get(key, 0) for key in controller.info_keys)
-    if controller.in_dim != vision.z_dim + mdnrnn.hidden + extra or not set(controller.info_keys) <= set(dims):
+    if controller.in_dim != mdnrnn.feature_dim + extra or not set(controller.info_keys) <= set(dims):
         raise UserError(
-            f"{controller_path}: controller ({controller.inputs}) takes {controller.in_dim} inputs, but V, M and "
-            f"{cfg.env.id} give z_dim + hidden + info inputs = {vision.z_dim} + {mdnrnn.hidden} + {extra}"
+            f"{controller_path}: controller ({controller.inputs}) takes {controller.in_dim} inputs, but M and "
+            f"{cfg.env.id} give M's features + info inputs = {mdnrnn.feature_dim} + {extra}"
         )
     if cfg.evaluate.params == "mean":
         controller.set_params(ckpt["params_mean"])

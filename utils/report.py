@@ -88,12 +88,14 @@ RANDOM_POLICY_FILE = "random_policy.json"  # eval/ of a run: benchmarks/random_p
 
 def write_run_report(path: str, cfg, scores: dict, budget: dict, media: dict, fid: dict | None) -> None:
     """eval/report.md of one run (scores, FID, budget, media)."""
-    c, r = cfg.controller, cfg.rollouts
+    c, r, m = cfg.controller, cfg.rollouts, cfg.memory
+    memory = (f"MDN-RNN ({m.hidden} units, {m.gaussians} Gaussians)" if m.kind == "mdnrnn" else
+              f"RSSM ({m.hidden} GRU units, {m.rssm.stoch}{f' x {m.rssm.classes} classes' if m.rssm.classes else ''}"
+              " stochastic)")
     lines = [
         f"# Evaluation: {cfg.run_dir}",
         "",
-        f"World model: V = {cfg.vision.kind} (z = {cfg.vision.z_dim}), M = MDN-RNN ({cfg.mdnrnn.hidden} units, "
-        f"{cfg.mdnrnn.gaussians} Gaussians), C = linear, trained with CMA-ES in the {c.env} env.",
+        f"World model: V = {cfg.vision.kind} (z = {cfg.vision.z_dim}), M = {memory}, C = linear, trained with CMA-ES in the {c.env} env.",
         "",
         "| env | episodes | mean +- std | min | max | controller params |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -177,7 +179,7 @@ def plot_training_curves(run_dir: str, path: str) -> bool:
     panels = [
         (axes[0, 0], vision, [("recon", "train"), ("val_recon", "held-out")], "V: reconstruction NLL (nats / frame)"),
         (axes[0, 1], vision, [("kl", "train"), ("val_kl", "held-out")], "V: KL (nats / frame)"),
-        (axes[1, 0], mdnrnn, [("nll", "train"), ("val_nll", "held-out")], "M: MDN negative log-likelihood (nats / dim)"),
+        (axes[1, 0], mdnrnn, [("nll", "train"), ("val_nll", "held-out")], "M: negative log-likelihood of z' (nats / dim)"),
     ]
     for ax, log, keys, title in panels:
         for key, label in keys:

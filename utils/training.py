@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from models import build
 from models.likelihood import frames_to_tensor
-from models.mdnrnn import MDNRNN, mdnrnn_loss
 from utils.checkpoints import read_checkpoint, save_model
 from utils.config import Config, config_to_dict
 from utils.data import LatentWindows, iterate_frame_batches, sample_frames
@@ -222,31 +221,32 @@ def train_vision(cfg: Config, model: torch.nn.Module, train_files: list[str], tr
 # ---------------------------------------------------------------- M
 
 
-def _latent_batch_loss(model: MDNRNN, data: LatentWindows, pairs, cfg: Config, gen: torch.Generator) -> dict:
+def _latent_batch_loss(model, data: LatentWindows, pairs, cfg: Config, gen: torch.Generator) -> dict:
     """Sample z from the stored posteriors (mu, logvar) and compute the masked loss on windows `pairs`."""
     b = {k: torch.from_numpy(v) for k, v in data.batch(pairs).items()}
     z = b["mu"] + torch.randn(b["mu"].shape, generator=gen) * (0.5 * b["logvar"]).exp()  # drawn on the CPU
     device = next(model.parameters()).device
     z, b = z.to(device), {k: v.to(device) for k, v in b.items()}
-    mc = cfg.mdnrnn
-    return mdnrnn_loss(
-        model, z, b["actions"], b["rewards"], b["done"], b["next_valid"], b["step_valid"], mc.reward_weight, mc.done_weight
-    )
+    mc = cfg.memory
+    return model.loss(z, b["actions"], b["rewards"], b["done"], b["next_valid"], b["step_valid"], mc.reward_weight,
+                      mc.done_weight)
 
 
-def mdnrnn_update(model: MDNRNN, optimizer, data: LatentWindows, pairs, cfg: Config, gen: torch.Generator) -> dict | None:
+def memory_update(model, optimizer, data: LatentWindows, pairs, cfg: Config, gen: torch.Generator) -> dict | None:
     """One training step of M (stage 04) on the windows `pairs` of `data`: the loss terms (scalar tensors),
     or None when the update was skipped for a non-finite loss or gradient."""
     terms = _latent_batch_loss(model, data, pairs, cfg, gen)
-    return terms if guarded_step(terms["loss"], model.parameters(), optimizer, cfg.mdnrnn.grad_clip) else None
+    return terms if guarded_step(terms["loss"], model.parameters(), optimizer, cfg.memory.grad_clip) else None
 
 
-def train_mdnrnn(cfg: Config, train_files: list[str], val_files: list[str], z_dim: int, action_dim: int, out_dir: str) -> list[dict]:
-    """Train M on windows of z sampled from the latents of `train_files`; see the module docstring."""
-    mc = cfg.mdnrnn
+def train_memory(cfg: Config, train_files: list[str], val_files: list[str], z_dim: int, action_dim: int,
+                 out_dir: str) -> list[dict]:
+    """Train M of kind memory.kind on windows of z sampled from the latents of `train_files`; see the module
+    docstring."""
+    mc = cfg.memory
     torch.set_num_threads(mc.threads)
-    model = build_model("memory", "mdnrnn", mc.model_config(), z_dim=z_dim, action_dim=action_dim)
-    model.to(resolve_device(mc.device, "mdnrnn.device"))  # before the optimizer: a resumed Adam state follows
+    model = build_model("memory", mc.kind, mc.model_config(), z_dim=z_dim, action_dim=action_dim)
+    model.to(resolve_device(mc.device, "memory.device"))  # before the optimizer: a resumed Adam state follows
     optimizer = make_adam(model, mc.lr)
     start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model, optimizer)
     train_data, val_data = LatentWindows(train_files, mc.seq_len), LatentWindows(val_files, mc.seq_len)
@@ -255,11 +255,12 @@ def train_mdnrnn(cfg: Config, train_files: list[str], val_files: list[str], z_di
         model.train()
         rng = np.random.default_rng([cfg.seed, epoch])
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # M's own sampling (the RSSM's posterior): an epoch resumes alike
         pairs = train_data.windows(rng)
         order = rng.permutation(len(pairs))
         sums, n_batches, skipped = {}, 0, 0
         for b in tqdm(range(0, len(order), mc.batch_size), desc=f"04 epoch {epoch + 1}", leave=False, disable=None):
-            terms = mdnrnn_update(model, optimizer, train_data, [pairs[i] for i in order[b : b + mc.batch_size]], cfg, gen)
+            terms = memory_update(model, optimizer, train_data, [pairs[i] for i in order[b : b + mc.batch_size]], cfg, gen)
             if terms is None:
                 skipped += 1
                 continue
@@ -273,6 +274,7 @@ def train_mdnrnn(cfg: Config, train_files: list[str], val_files: list[str], z_di
     def evaluate() -> dict:
         model.eval()
         gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
         pairs = val_data.windows(None)
         sums, n = {}, 0
         for b in range(0, len(pairs), mc.batch_size):

@@ -1,0 +1,191 @@
+"""An actor-critic C trained only in imagination, inside a frozen M (Dreamer: Hafner et al. 2020, 2021, 2023).
+
+Imagination starts from M's filtered states of real latent sequences and rolls
+H steps with the actor's actions through M.transition and M.imagine; M's heads
+give rewards r_t and continuation c_t = 1 - sigmoid(done logit). The critic v
+regresses lambda-returns (DreamerV1 eq. 6), bootstrapped from a slow critic:
+
+    R_t = r_t + gamma c_t ((1 - lambda) v(s_{t+1}) + lambda R_{t+1}),   R_H = v(s_H).
+
+The actor maximises R / max(1, S) + eta H[pi] with S the EMA of the 5th to
+95th percentile range of the returns (DreamerV3's return normalisation); its
+gradient flows back through M's dynamics into the actions (continuous actions,
+reparameterised), while M's own parameters stay frozen.
+
+Actions: a = squash_to_bounds(u), u ~ N(mu, sigma) (the tanh squashing of the
+linear C); the entropy bonus uses the entropy of the Gaussian over u.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.controller import squash_to_bounds
+from models.hparams import param
+
+
+def lambda_returns(rewards: torch.Tensor, values: torch.Tensor, continues: torch.Tensor, gamma: float,
+                   lam: float) -> torch.Tensor:
+    """TD(lambda) returns of imagined trajectories (DreamerV1 eq. 6).
+
+    rewards, continues float (H, B): r_t for the action at t and c_t in [0, 1], whether the episode goes on
+    after it; values float (H + 1, B): v(s_0) ... v(s_H). Returns float (H, B): R_0 ... R_{H-1} with
+    R_t = r_t + gamma c_t ((1 - lam) v(s_{t+1}) + lam R_{t+1}) and R_H = v(s_H).
+    lam = 1 with v = 0 gives the discounted sum of rewards; lam = 0 gives the one-step TD target.
+    """
+    horizon = rewards.shape[0]
+    if values.shape[0] != horizon + 1 or continues.shape != rewards.shape:
+        raise ValueError(f"lambda_returns: rewards {tuple(rewards.shape)} and continues {tuple(continues.shape)} "
+                         f"need values of {horizon + 1} steps, got {tuple(values.shape)}")
+    out, last = [], values[-1]
+    for t in reversed(range(horizon)):
+        last = rewards[t] + gamma * continues[t] * ((1 - lam) * values[t + 1] + lam * last)
+        out.append(last)
+    return torch.stack(out[::-1])
+
+
+@dataclass
+class ActorCriticConfig:
+    """C's hyperparameters when it is an actor-critic (controller.kind: actor_critic)."""
+
+    units: int = param(256, "width of the actor's and the critic's two hidden layers", minimum=1)
+    horizon: int = param(15, "imagination horizon H (steps)", minimum=1)
+    gamma: float = param(0.99, "discount", minimum=0, maximum=1)
+    lam: float = param(0.95, "lambda of the lambda-returns", minimum=0, maximum=1)
+    entropy: float = param(3e-4, "eta: weight of the actor's entropy bonus", minimum=0)
+    actor_lr: float = param(8e-5, "Adam learning rate of the actor", above=0)
+    critic_lr: float = param(8e-5, "Adam learning rate of the critic", above=0)
+    slow_critic: float = param(0.02, "EMA rate of the slow critic that bootstraps the returns", above=0, maximum=1)
+    min_std: float = param(0.1, "lower bound of the actor's sigma (pre-squash units)", above=0)
+    grad_clip: float = param(100.0, "max global gradient norm of each of actor and critic", above=0)
+
+
+def _mlp(n_in: int, units: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, units), nn.ELU(), nn.Linear(units, units), nn.ELU(),
+                         nn.Linear(units, n_out))
+
+
+class ActorCritic(nn.Module):
+    """Actor pi(a | x) and critic v(x) on M's features x (B, in_dim), actions in [low, high] (A,).
+
+    Args:
+        config: ActorCriticConfig; in_dim: M.feature_dim; action_low, action_high: the env's bounds.
+    """
+
+    kind = "actor_critic"
+    config_class = ActorCriticConfig
+
+    def __init__(self, config: ActorCriticConfig | None = None, in_dim: int = 1, action_low=(-1.0,),
+                 action_high=(1.0,)):
+        super().__init__()
+        config = config or ActorCriticConfig()
+        self.config, self.in_dim = config, int(in_dim)
+        self.low = np.asarray(action_low, dtype=np.float32)
+        self.high = np.asarray(action_high, dtype=np.float32)
+        self.action_dim = len(self.low)
+        self.actor = _mlp(self.in_dim, config.units, 2 * self.action_dim)
+        self.critic = _mlp(self.in_dim, config.units, 1)
+        self.slow_critic = _mlp(self.in_dim, config.units, 1)
+        self.slow_critic.load_state_dict(self.critic.state_dict())
+        self.slow_critic.requires_grad_(False)
+        self.register_buffer("return_scale", torch.ones(()))  # EMA of the 5-95 percentile range, >= 1
+
+    def sizes(self) -> dict:
+        """The sizes M and the env fixed (stored beside the config in a checkpoint)."""
+        return {"in_dim": self.in_dim, "action_low": self.low.tolist(), "action_high": self.high.tolist()}
+
+    def policy(self, x: torch.Tensor) -> torch.distributions.Normal:
+        """The Gaussian over pre-squash actions u, (B, A) each."""
+        mean, raw_std = self.actor(x).chunk(2, dim=-1)
+        return torch.distributions.Normal(mean, F.softplus(raw_std) + self.config.min_std, validate_args=False)
+
+    def act(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """Action float32 (B, A) within the bounds: squash(mean), or squash(u) for a reparameterised u ~ pi."""
+        pi = self.policy(x)
+        return squash_to_bounds(pi.rsample() if sample else pi.mean, self.low, self.high)
+
+    def value(self, x: torch.Tensor, slow: bool = False) -> torch.Tensor:
+        """v(x) float32 (B,) from the critic, or from the slow critic."""
+        return (self.slow_critic if slow else self.critic)(x).squeeze(-1)
+
+    def update_slow_critic(self) -> None:
+        """slow <- (1 - rate) slow + rate critic."""
+        rate = self.config.slow_critic
+        with torch.no_grad():
+            for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters(), strict=True):
+                slow.lerp_(fast, rate)
+
+
+def imagine(memory, ac: ActorCritic, start_state, horizon: int, generator=None) -> dict[str, torch.Tensor]:
+    """Roll the actor H steps inside M from `start_state` (a batch of M states), keeping the graph from the
+    actions through M's dynamics. Returns features (H + 1, B, F), rewards, continues and entropies (H, B)."""
+    state, feats, rewards, continues, entropies = start_state, [memory.features(start_state)], [], [], []
+    for _ in range(horizon):
+        pi = ac.policy(feats[-1])
+        action = squash_to_bounds(pi.rsample(), ac.low, ac.high)
+        state = memory.imagine(memory.transition(state, action), 1.0, generator)
+        reward, done_logit = memory.heads(state)
+        feats.append(memory.features(state))
+        rewards.append(reward)
+        continues.append(1 - torch.sigmoid(done_logit))
+        entropies.append(pi.entropy().sum(-1))
+    return {"features": torch.stack(feats), "rewards": torch.stack(rewards), "continues": torch.stack(continues),
+            "entropies": torch.stack(entropies)}
+
+
+def actor_critic_losses(ac: ActorCritic, traj: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The actor's and the critic's losses on an imagined trajectory (see the module docstring); updates the
+    return scale (EMA, decay 0.99). Returns scalars: actor_loss, critic_loss, imagined_return (mean R_0),
+    entropy (mean, nats)."""
+    c = ac.config
+    feats = traj["features"]
+    values = ac.value(feats, slow=True)  # (H + 1, B): bootstrap targets from the slow critic
+    returns = lambda_returns(traj["rewards"], values, traj["continues"], c.gamma, c.lam)  # (H, B)
+    with torch.no_grad():  # weight of step t: the probability the imagined episode is still running there
+        weights = torch.cumprod(torch.cat([torch.ones_like(traj["continues"][:1]), c.gamma * traj["continues"][:-1]]),
+                                0)
+        spread = torch.quantile(returns.detach().flatten(), 0.95) - torch.quantile(returns.detach().flatten(), 0.05)
+        ac.return_scale.mul_(0.99).add_(0.01 * torch.clamp(spread, min=1.0))
+    actor_loss = -(weights * (returns / ac.return_scale + c.entropy * traj["entropies"])).mean()
+    critic = ac.value(feats[:-1].detach())
+    critic_loss = (weights * 0.5 * (critic - returns.detach()).pow(2)).mean()
+    return {"actor_loss": actor_loss, "critic_loss": critic_loss, "imagined_return": returns[0].mean().detach(),
+            "entropy": traj["entropies"].mean().detach()}
+
+
+@torch.no_grad()
+def filtered_states(memory, z: torch.Tensor, a: torch.Tensor):
+    """M's states after observing each real latent of windows z (B, T+1, D) with actions a (B, T, A): the
+    start states of imagination, one M state batch of B * (T + 1) rows (time-major)."""
+    state = memory.observe(memory.initial_state(len(z)), z[:, 0])
+    states = [state]
+    for t in range(a.shape[1]):
+        state = memory.observe(memory.transition(state, a[:, t]), z[:, t + 1])
+        states.append(state)
+    return tuple(torch.cat(parts) for parts in zip(*states, strict=True))
+
+
+def imagination_update(memory, ac: ActorCritic, actor_opt, critic_opt, start_state, generator=None) -> dict:
+    """One update of actor and critic from imagined trajectories that start at `start_state` (M frozen: its
+    parameters must not require gradients). Returns the scalars of `actor_critic_losses` as floats, plus
+    `skipped` (1.0 when a non-finite loss or gradient skipped the update)."""
+    traj = imagine(memory, ac, start_state, ac.config.horizon, generator)
+    losses = actor_critic_losses(ac, traj)
+    actor_opt.zero_grad(set_to_none=True)
+    critic_opt.zero_grad(set_to_none=True)
+    total = losses["actor_loss"] + losses["critic_loss"]  # disjoint graphs: each loss reaches one network
+    ok = bool(torch.isfinite(total))
+    if ok:
+        total.backward()
+        norms = [torch.nn.utils.clip_grad_norm_(net.parameters(), ac.config.grad_clip) for net in (ac.actor, ac.critic)]
+        ok = all(bool(torch.isfinite(n)) for n in norms)
+    if ok:
+        actor_opt.step()
+        critic_opt.step()
+        ac.update_slow_critic()
+    return {**{k: float(v.detach()) for k, v in losses.items()}, "skipped": 0.0 if ok else 1.0}

@@ -1,0 +1,154 @@
+"""The actor-critic trained in imagination: lambda-returns, where its gradients go, and a learning test."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.actor_critic import (
+    ActorCritic,
+    ActorCriticConfig,
+    filtered_states,
+    imagination_update,
+    lambda_returns,
+)
+from models.mdnrnn import MDNRNN, MDNRNNConfig
+from models.rssm import RSSM, RSSMConfig, RSSMOptions
+
+
+def test_lambda_one_with_a_zero_critic_is_the_discounted_return():
+    rewards = torch.tensor([[1.0], [2.0], [3.0]])
+    returns = lambda_returns(rewards, torch.zeros(4, 1), torch.ones(3, 1), gamma=0.5, lam=1.0)
+    expected = torch.tensor([[1 + 0.5 * 2 + 0.25 * 3], [2 + 0.5 * 3], [3.0]])
+    torch.testing.assert_close(returns, expected)
+
+
+def test_lambda_zero_is_the_one_step_td_target():
+    rewards = torch.tensor([[1.0, 0.0], [2.0, -1.0]])
+    values = torch.tensor([[9.0, 9.0], [10.0, 4.0], [20.0, 8.0]])
+    continues = torch.tensor([[1.0, 0.0], [0.5, 1.0]])
+    returns = lambda_returns(rewards, values, continues, gamma=0.9, lam=0.0)
+    expected = rewards + 0.9 * continues * values[1:]  # r_t + gamma c_t v(s_{t+1})
+    torch.testing.assert_close(returns, expected)
+
+
+def test_lambda_returns_by_hand_and_shape_errors():
+    # H = 2, gamma 0.5, lambda 0.5, c = 1: R_1 = r_1 + 0.5 v_2; R_0 = r_0 + 0.5 (0.5 v_1 + 0.5 R_1)
+    rewards, values = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [4.0], [8.0]])
+    r1 = 2 + 0.5 * 8
+    r0 = 1 + 0.5 * (0.5 * 4 + 0.5 * r1)
+    torch.testing.assert_close(lambda_returns(rewards, values, torch.ones(2, 1), 0.5, 0.5), torch.tensor([[r0], [r1]]))
+    with pytest.raises(ValueError, match="need values of 3 steps"):
+        lambda_returns(rewards, values[:2], torch.ones(2, 1), 0.5, 0.5)
+
+
+def small_memories():
+    torch.manual_seed(0)
+    yield MDNRNN(MDNRNNConfig(hidden=16, gaussians=3), z_dim=4, action_dim=2)
+    yield RSSM(RSSMConfig(hidden=16, rssm=RSSMOptions(stoch=4, units=16)), z_dim=4, action_dim=2)
+    yield RSSM(RSSMConfig(hidden=16, rssm=RSSMOptions(stoch=3, classes=4, units=16)), z_dim=4, action_dim=2)
+
+
+@pytest.mark.parametrize("memory", list(small_memories()), ids=["mdnrnn", "rssm", "rssm_discrete"])
+def test_actor_gradients_reach_the_actor_and_leave_m_untouched(memory):
+    memory.eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in memory.state_dict().items()}
+    ac = ActorCritic(ActorCriticConfig(units=16, horizon=5, entropy=0.0), memory.feature_dim, [-1, -1], [1, 1])
+    actor_before = [p.clone() for p in ac.actor.parameters()]
+    opts = [torch.optim.Adam(net.parameters(), lr=1e-2) for net in (ac.actor, ac.critic)]
+    g = torch.Generator().manual_seed(0)
+    start = filtered_states(memory, torch.randn(3, 6, 4, generator=g), torch.rand(3, 5, 2, generator=g) * 2 - 1)
+    assert len(start[0]) == 3 * 6
+    out = imagination_update(memory, ac, *opts, start)
+    assert out["skipped"] == 0.0 and np.isfinite(out["actor_loss"])
+    # with no entropy bonus the actor's only gradient is the one through M's dynamics into the actions
+    assert any(not torch.equal(a, b) for a, b in zip(actor_before, ac.actor.parameters()))
+    assert all(p.grad is None for p in memory.parameters())
+    assert all(torch.equal(before[k], v) for k, v in memory.state_dict().items())
+
+
+# ---------------------------------------------------------------- learning test: 2-D point to a goal
+
+
+class PointGoal:
+    """p in [-1, 1]^2 moves by 0.2 a (a in [-1, 1]^2); reward -|p' - g| per step; 20 steps; z = [p, g]."""
+
+    steps = 20
+
+    def __init__(self, seed: int):
+        rng = np.random.default_rng(seed)
+        self.p, self.g = rng.uniform(-1, 1, 2), rng.uniform(-1, 1, 2)
+
+    def z(self) -> np.ndarray:
+        return np.concatenate([self.p, self.g]).astype(np.float32)
+
+    def step(self, a) -> float:
+        self.p = np.clip(self.p + 0.2 * np.clip(a, -1, 1), -1, 1)
+        return -float(np.linalg.norm(self.p - self.g))
+
+
+def play(policy, seeds, start=lambda: None) -> float:
+    """Mean return of `policy(z, state) -> (action, state)` over the episodes of `seeds`, state = start() at each
+    episode's beginning."""
+    returns = []
+    for seed in seeds:
+        env = PointGoal(seed)
+        policy_state = start()
+        total = 0.0
+        for _ in range(env.steps):
+            a, policy_state = policy(env.z(), policy_state)
+            total += env.step(a)
+        returns.append(total)
+    return float(np.mean(returns))
+
+
+def random_episodes(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    z, a, r = [], [], []
+    for i in range(n):
+        env = PointGoal(10_000 + i)
+        zs, acts, rews = [env.z()], [], []
+        for _ in range(env.steps):
+            act = rng.uniform(-1, 1, 2).astype(np.float32)
+            rews.append(env.step(act))
+            acts.append(act)
+            zs.append(env.z())
+        z.append(zs), a.append(acts), r.append(rews)
+    return (torch.tensor(np.array(z)), torch.tensor(np.array(a)), torch.tensor(np.array(r), dtype=torch.float32))
+
+
+def test_actor_critic_trained_only_in_an_rssm_closes_most_of_the_gap():
+    torch.manual_seed(0)
+    z, a, r = random_episodes(256, seed=1)
+    memory = RSSM(RSSMConfig(hidden=64, rssm=RSSMOptions(stoch=8, units=64, free_nats=0.1)), z_dim=4, action_dim=2)
+    opt = torch.optim.Adam(memory.parameters(), lr=3e-3)
+    ones = torch.ones(32, PointGoal.steps)
+    for step in range(400):  # M from random play only
+        idx = torch.randint(len(z), (32,))
+        terms = memory.loss(z[idx], a[idx], r[idx], torch.zeros_like(ones), ones, ones)
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+    memory.eval().requires_grad_(False)
+
+    ac = ActorCritic(ActorCriticConfig(units=64, horizon=10, gamma=0.95, entropy=1e-3, actor_lr=3e-4,
+                                       critic_lr=1e-3), memory.feature_dim, [-1, -1], [1, 1])
+    opts = (torch.optim.Adam(ac.actor.parameters(), lr=3e-4), torch.optim.Adam(ac.critic.parameters(), lr=1e-3))
+    for step in range(300):  # C only in imagination
+        idx = torch.randint(len(z), (16,))
+        imagination_update(memory, ac, *opts, filtered_states(memory, z[idx], a[idx]))
+
+    def agent(obs, state):
+        with torch.no_grad():
+            state = memory.observe(state, torch.from_numpy(obs)[None])
+            action = ac.act(memory.features(state))
+            return action[0].numpy(), memory.transition(state, action)
+
+    rng = np.random.default_rng(2)
+    held_out = range(50_000, 50_050)
+    random_return = play(lambda obs, s: (rng.uniform(-1, 1, 2), s), held_out)
+    reference = play(lambda obs, s: (np.clip((obs[2:] - obs[:2]) / 0.2, -1, 1), s), held_out)
+    learned = play(agent, held_out, lambda: memory.initial_state(1))
+    closed = (learned - random_return) / (reference - random_return)
+    print(f"50 held-out episodes: random {random_return:.2f}, reference {reference:.2f}, actor-critic {learned:.2f} "
+          f"({closed:.0%} of the gap closed)")
+    assert closed > 0.5, f"random {random_return:.2f}, reference {reference:.2f}, learned {learned:.2f}"
