@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Stage 04: train the memory model M (memory.kind: mdnrnn | rssm) on sequences of latents.
+"""Stage 04: train the memory model M (memory.kind: mdnrnn | rssm | tssm) on sequences of latents.
 
     python 04_train_mdnrnn.py --config configs/carracing_vae.yaml
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Stage 05: train the linear controller C with CMA-ES, in the real env or inside M's dream.
+"""Stage 05: train C: the linear C with CMA-ES (real env or M's dream), or the actor-critic in M's imagination.
 
     python 05_train_controller.py --config configs/carracing_vae.yaml [--overwrite]
 
@@ -9,8 +9,12 @@ CMA-ES with a pool of worker processes that each hold an env plus V and M
 inside M from the starts of stage 03's latent episodes (controller.env=dream;
 the pool then only re-evaluates the CMA-ES mean in the real env), and writes
 <run_dir>/controller/: controller.pt, history.csv, learning_curve.png,
-cmaes_state.npz (data only) and manifest.json. A killed run resumes where it stopped when
-the same command is run again; --overwrite starts over.
+cmaes_state.npz (data only) and manifest.json. With controller.kind=actor_critic
+it trains the actor and critic only in M's imagination, from M's filtered states
+of stage 03's latent windows, re-evaluates the actor in the real env every
+controller.eval_every updates, and writes latest.pt (the resume state) instead
+of cmaes_state.npz. A killed run resumes where it stopped when the same command
+is run again; --overwrite starts over.
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ import time
 
 import torch
 
+from models.actor_critic import ActorCritic
 from models.controller import INFO_INPUTS, LinearController
 from utils.checkpoints import load_world_model
 from utils.cli import load_stage_config, open_stage_dir, run_stage, stage_dir, stage_parser
 from utils.cmaes_trainer import ControllerTrainer
 from utils.config import config_to_dict
-from utils.data import check_latents, start_latents
+from utils.data import check_latents, split_episodes, start_latents
 from utils.envs import info_input_dims, make_env
 from utils.errors import UserError
+from utils.imagination_trainer import ImaginationTrainer
 from utils.io import list_episodes, write_manifest
 from utils.parallel import check_backend
 from utils.training import resolve_device
@@ -47,10 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     if needs and (cc.env == "dream" or not set(needs) <= set(info_input_dims(cfg.env))):
         raise UserError(f"controller.inputs: {cc.inputs} needs the real env of a task that gives {', '.join(needs)} "
                         f"(PandaReach); got controller.env={cc.env}, env.id={cfg.env.id}")
+    if cc.kind == "actor_critic" and cc.inputs != "z_h":
+        raise UserError(f"controller.inputs: the actor-critic reads M's features only (z_h), got {cc.inputs}")
     vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
     env = make_env(cfg.env)
     low, high = env.action_space.low, env.action_space.high
     env.close()
+    if cc.kind == "actor_critic":
+        train_actor_critic(cfg, args, vision_path, mdnrnn_path, mdnrnn, low, high)
+        return
     dream = None
     if cc.env == "dream":
         torch.set_num_threads(cc.threads)
@@ -92,6 +103,40 @@ def main(argv: list[str] | None = None) -> None:
     if best:
         print(f"[05] best CMA-ES mean at generation {best['generation']}: "
               f"{best['heldout_mean']:.1f} +- {best['heldout_std']:.1f} on {cc.eval_episodes} held-out episodes")
+
+
+def train_actor_critic(cfg, args, vision_path: str, mdnrnn_path: str, memory, low, high) -> None:
+    """controller.kind actor_critic: updates in M's imagination from the windows of stage 04's training
+    episodes, held-out real re-evaluations (utils/imagination_trainer.py)."""
+    cc = cfg.controller
+    torch.set_num_threads(cc.threads)
+    files = list_episodes(stage_dir(cfg, "latents"), "latents")
+    check_latents(files)
+    train, _ = split_episodes(files, cfg.memory.holdout_fraction, cfg.seed)  # M's own training episodes
+    ac = ActorCritic.for_world_model(cc.model_config(), memory.feature_dim, low, high)
+    trainer = ImaginationTrainer(cfg, vision_path, mdnrnn_path, memory, ac, train or files, stage_dir(cfg, "controller"))
+    state = trainer.load_or_create(args.overwrite)  # a bad resume state stops the stage before anything is written
+    check_backend(cfg.backend)
+    open_stage_dir(cfg, "controller")
+    h = cc.actor_critic.horizon
+    print(f"[05] actor-critic in the imagination of M ({cfg.memory.kind}, {memory.feature_dim} features): horizon {h}, "
+          f"{cc.batch_windows} windows of {cfg.memory.seq_len + 1} start states per update, {cc.updates} updates, "
+          f"held-out real re-evaluation every {cc.eval_every}")
+    start = time.perf_counter()
+    state = trainer.run(state)
+    history, best = state["history"], state["best"]
+    write_manifest(
+        trainer.out_dir, "05_train_controller", config_to_dict(cfg),
+        {"vision": os.path.abspath(vision_path), "mdnrnn": os.path.abspath(mdnrnn_path)},
+        time.perf_counter() - start,
+        {"kind": "actor_critic", "updates": state["update"], "dream_steps": sum(r["dream_steps"] for r in history),
+         "best_update": best and best["update"], "best_heldout_mean": best and best["heldout_mean"],
+         "best_heldout_std": best and best["heldout_std"],
+         "worker_restarts": history[-1]["worker_restarts"] if history else 0},
+    )
+    if best:
+        print(f"[05] best actor at update {best['update']}: {best['heldout_mean']:.1f} +- {best['heldout_std']:.1f} on "
+              f"{cc.eval_episodes} held-out episodes")
 
 
 if __name__ == "__main__":

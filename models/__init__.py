@@ -1,8 +1,10 @@
 """The method: vision V, memory M, controller C, the agent and the dream. Imports torch, numpy, gymnasium only.
 
 - V: `vae.py` (ConvVAE, VAEConfig), `nvae.py` (NVAE, NVAEConfig), `likelihood.py` (p(x|z) and the pixel format)
-- M: `mdnrnn.py` (MDNRNN, MDNRNNConfig, its loss), `rssm.py` (RSSM, RSSMConfig: Gaussian or discrete state)
-- C: `controller.py` (LinearController, its parameter layout and squashing)
+- M: `mdnrnn.py` (MDNRNN, MDNRNNConfig, its loss), `rssm.py` (RSSM, RSSMConfig: Gaussian or discrete state),
+  `tssm.py` (TSSM, TSSMConfig: a causal transformer with a key-value cache for imagination)
+- C: `controller.py` (LinearController, its parameter layout and squashing), `actor_critic.py` (ActorCritic
+  trained in imagination: lambda-returns, the imagination update)
 - `agent.py`: one V -> C -> M step on a V-ready frame; `dream.py`: M as a gymnasium.Env and the batched dream
 
 The registries below name every kind a config may ask for; `build` makes a fresh model of a kind, and a
@@ -27,16 +29,18 @@ from __future__ import annotations
 
 import dataclasses
 
+from models.actor_critic import ActorCritic
 from models.controller import LinearController
 from models.hparams import config_from_dict
 from models.mdnrnn import MDNRNN
 from models.nvae import NVAE
 from models.rssm import RSSM
+from models.tssm import TSSM
 from models.vae import ConvVAE
 
 VISION_KINDS = {"vae": ConvVAE, "nvae": NVAE}
-MEMORY_KINDS = {"mdnrnn": MDNRNN, "rssm": RSSM}
-CONTROLLER_KINDS = {"linear": LinearController}
+MEMORY_KINDS = {"mdnrnn": MDNRNN, "rssm": RSSM, "tssm": TSSM}
+CONTROLLER_KINDS = {"linear": LinearController, "actor_critic": ActorCritic}
 FAMILIES = {"vision": VISION_KINDS, "memory": MEMORY_KINDS, "controller": CONTROLLER_KINDS}
 
 
@@ -84,3 +88,16 @@ def from_checkpoint_dict(ckpt: dict, family: str):
     except (RuntimeError, KeyError, TypeError) as exc:
         raise ValueError(f"weights do not fit a {kind} of this config ({str(exc).splitlines()[0]})") from None
     return model.eval()
+
+
+def controller_for_world_model(config, feature_dim: int, action_low, action_high, info_dims: dict | None = None):
+    """A fresh C of the kind whose config dataclass `config` is (LinearControllerConfig: linear; ActorCriticConfig:
+    actor_critic), reading M's features (feature_dim) plus the env info entries its inputs name.
+
+    Raises:
+        ValueError: a config of no registered kind, or inputs the env does not give.
+    """
+    for cls in CONTROLLER_KINDS.values():
+        if type(config) is cls.config_class:
+            return cls.for_world_model(config, feature_dim, action_low, action_high, info_dims)
+    raise ValueError(f"no controller kind has the config {type(config).__name__}")

@@ -95,9 +95,49 @@ class ActorCritic(nn.Module):
         self.slow_critic.requires_grad_(False)
         self.register_buffer("return_scale", torch.ones(()))  # EMA of the 5-95 percentile range, >= 1
 
+    @classmethod
+    def for_world_model(cls, config: ActorCriticConfig, feature_dim: int, action_low, action_high,
+                        info_dims: dict[str, int] | None = None) -> "ActorCritic":
+        """The actor-critic on M's features (feature_dim = M.feature_dim); it reads no env info entries."""
+        return cls(config, feature_dim, action_low, action_high)
+
     def sizes(self) -> dict:
         """The sizes M and the env fixed (stored beside the config in a checkpoint)."""
         return {"in_dim": self.in_dim, "action_low": self.low.tolist(), "action_high": self.high.tolist()}
+
+    # what the agent and the episode workers read from any C (models/agent.py, utils/episodes.py)
+    inputs = "z_h"
+    info_keys: tuple[str, ...] = ()
+
+    def info_vector(self, info: dict) -> None:
+        """None: the actor reads M's features only."""
+        return None
+
+    def forward(self, features: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The deterministic action squash(mean) float32 (B, A) on M's features (B, in_dim): how C acts in the
+        real env and in 06's dream."""
+        return self.act(features)
+
+    @property
+    def num_params(self) -> int:
+        """Size of the actor's flat parameter vector (what the episode workers receive)."""
+        return sum(p.numel() for p in self.actor.parameters())
+
+    def get_params(self) -> np.ndarray:
+        """The actor's parameters as one flat float32 vector (num_params,)."""
+        return torch.nn.utils.parameters_to_vector(self.actor.parameters()).detach().cpu().numpy().copy()
+
+    def set_params(self, flat) -> None:
+        """Load the actor's parameters from a flat vector of `get_params`.
+
+        Raises:
+            ValueError: a vector of another size.
+        """
+        flat = torch.as_tensor(np.asarray(flat, dtype=np.float32).ravel())
+        if flat.numel() != self.num_params:
+            raise ValueError(f"actor-critic expects {self.num_params} actor parameters, got {flat.numel()}")
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(flat, self.actor.parameters())
 
     def policy(self, x: torch.Tensor) -> torch.distributions.Normal:
         """The Gaussian over pre-squash actions u, (B, A) each."""

@@ -113,20 +113,25 @@ def dream_returns(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns of B dream episodes stepped together: row i runs controller params[i] from z = starts[i].
 
-    memory: a trained M of any kind; params float (B, n_params); starts float (B, z_dim). An episode ends at
+    memory: a trained M of any kind; params float (B, n_params) of linear controllers, or any C as a callable
+    (features (B, F) -> actions (B, A), e.g. an ActorCritic); starts float (B, z_dim). An episode ends at
     M's done or after max_steps; finished rows stop collecting reward. Returns (returns float64 (B,), episode
     lengths int64 (B,)). With B = 1 and the same generator state this is exactly a DreamEnv
     episode driven by LinearController with params[0]. Runs on M's device; `generator` must be on it too.
     """
     device = next(memory.parameters()).device
     z = torch.as_tensor(np.asarray(starts, np.float32)).to(device)
-    theta = torch.as_tensor(np.asarray(params, np.float32)).to(device)
+    if callable(params):
+        policy = params
+    else:
+        theta = torch.as_tensor(np.asarray(params, np.float32)).to(device)
+        policy = lambda x: batched_actions(theta, x, action_low, action_high)  # noqa: E731
     state = memory.observe(memory.initial_state(len(z)), z)
     alive = torch.ones(len(z), dtype=torch.bool, device=device)
     total = torch.zeros(len(z), dtype=torch.float64, device=device)
     lengths = torch.zeros(len(z), dtype=torch.int64, device=device)
     for _ in range(max_steps):
-        a = batched_actions(theta, memory.features(state), action_low, action_high)
+        a = policy(memory.features(state))
         state = memory.imagine(memory.transition(state, a), temperature, generator)
         reward, done_logit = memory.heads(state)
         total += torch.where(alive, reward.double(), torch.zeros_like(total))
@@ -139,15 +144,16 @@ def dream_returns(
 
 def dream_score(memory, starts: np.ndarray, params: np.ndarray, action_low, action_high,
                 temperature: float, episodes: int, max_steps: int, seed: int) -> dict:
-    """Return of one controller (params float (n_params,)) in M's dream: `episodes` batched episodes from
-    start latents drawn (with replacement, seeded) from `starts` float (N, z_dim), <= max_steps each.
+    """Return of one controller (a linear C's params float (n_params,), or any C as a callable on M's features)
+    in M's dream: `episodes` batched episodes from start latents drawn (with replacement, seeded) from `starts`
+    float (N, z_dim), <= max_steps each.
 
     Returns {"temperature", "episodes", "mean", "std", "mean_length", "returns" (list of float)}.
     """
     rng = np.random.default_rng(seed)
     picked = starts[rng.integers(len(starts), size=episodes)]
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    batch = np.repeat(np.asarray(params, np.float32)[None], episodes, axis=0)
+    batch = params if callable(params) else np.repeat(np.asarray(params, np.float32)[None], episodes, axis=0)
     with torch.inference_mode():
         returns, lengths = dream_returns(memory, batch, picked, action_low, action_high, temperature, max_steps,
                                          generator)

@@ -75,7 +75,8 @@ def mdn_sample(params: MixtureParams, temperature: float = 1.0, generator=None) 
 class MDNRNNConfig:
     """M's hyperparameters. z_dim and action_dim are not among them: they come from the latents."""
 
-    hidden: int = param(256, "units of h: the LSTM of the MDN-RNN (C reads [z, h]), the GRU of the RSSM",
+    hidden: int = param(256, "units of h: the LSTM of the MDN-RNN (C reads [z, h]), the GRU of the RSSM, the "
+                        "width of the TSSM",
                         minimum=1)
     gaussians: int = param(5, "mdnrnn: mixture components per latent dimension", minimum=1)
     min_log_sigma: float = param(-5.0, "each sigma of M's prediction of z (mixture components; the RSSM's z head) "

@@ -56,7 +56,8 @@ class RSSMOptions:
 class RSSMConfig:
     """The RSSM's config: the deterministic size and sigma bounds shared with the MDN-RNN's keys, plus `rssm`."""
 
-    hidden: int = param(256, "units of h: the LSTM of the MDN-RNN (C reads [z, h]), the GRU of the RSSM",
+    hidden: int = param(256, "units of h: the LSTM of the MDN-RNN (C reads [z, h]), the GRU of the RSSM, the "
+                        "width of the TSSM",
                         minimum=1)
     min_log_sigma: float = param(-5.0, "each sigma of M's prediction of z (mixture components; the RSSM's z head) "
                                  "is bounded to [exp(min_log_sigma), exp(max_log_sigma)]")

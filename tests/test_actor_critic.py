@@ -152,3 +152,44 @@ def test_actor_critic_trained_only_in_an_rssm_closes_most_of_the_gap():
     print(f"50 held-out episodes: random {random_return:.2f}, reference {reference:.2f}, actor-critic {learned:.2f} "
           f"({closed:.0%} of the gap closed)")
     assert closed > 0.5, f"random {random_return:.2f}, reference {reference:.2f}, learned {learned:.2f}"
+
+
+# ---------------------------------------------------------------- stage 05 and 06 with controller.kind actor_critic
+
+
+def test_stage_05_trains_the_actor_critic_in_imagination_resumes_and_06_plays_it(tiny_run, tmp_path):
+    import csv
+    import json
+    import os
+    import shutil
+
+    from conftest import assert_ok, run_script, write_config
+    from utils.checkpoints import load_model
+
+    run_dir = tmp_path / "run"
+    for stage in ("rollouts", "vision", "latents", "mdnrnn"):
+        shutil.copytree(os.path.join(tiny_run["run_dir"], stage), run_dir / stage)
+    controller = {"kind": "actor_critic", "updates": 4, "eval_every": 2, "eval_episodes": 1, "batch_windows": 2,
+                  "workers": 1, "actor_critic": {"units": 16, "horizon": 3}}
+    config = write_config(tmp_path, run_dir, controller=controller, evaluate={"episodes": 2, "max_steps": 30,
+                                                                              "workers": 1, "fid_frames": 0})
+    first = run_script("05_train_controller", config)
+    assert_ok(first)
+    assert "actor-critic in the imagination of M (mdnrnn" in first.stdout
+    rows = list(csv.DictReader(open(run_dir / "controller" / "history.csv")))
+    assert [r["update"] for r in rows] == ["2", "4"] and all(r["heldout_mean"] for r in rows)
+    # the same command with more updates resumes from latest.pt: the first rows stay, one more is added
+    controller["updates"] = 6
+    config = write_config(tmp_path, run_dir, controller=controller, evaluate={"episodes": 2, "max_steps": 30,
+                                                                              "workers": 1, "fid_frames": 0})
+    second = run_script("05_train_controller", config)
+    assert_ok(second)
+    assert "resuming at update 5/6" in second.stdout
+    again = list(csv.DictReader(open(run_dir / "controller" / "history.csv")))
+    assert again[:2] == rows and [r["update"] for r in again] == ["2", "4", "6"]
+    c, ckpt = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
+    assert c.kind == "actor_critic" and ckpt["update"] == 6 and ckpt["best"]["update"] in (2, 4, 6)
+    assert_ok(run_script("06_evaluate", config))
+    scores = json.load(open(run_dir / "eval" / "scores.json"))
+    assert scores["episodes"] == 2 and scores["params_unit"] == "update" and "dream" in scores
+    assert (run_dir / "eval" / "dream.gif").exists()

@@ -31,13 +31,15 @@ from typing import Any
 
 import yaml
 
-from models import MEMORY_KINDS, VISION_KINDS
+from models import CONTROLLER_KINDS, MEMORY_KINDS, VISION_KINDS
+from models.actor_critic import ActorCriticConfig
 from models.controller import LinearControllerConfig
 from models.hparams import config_from_dict as config_from_fields
 from models.hparams import config_subset, param
 from models.mdnrnn import MDNRNNConfig
 from models.nvae import NVAEConfig
 from models.rssm import RSSMOptions
+from models.tssm import TSSMOptions
 from utils.errors import UserError
 
 
@@ -114,8 +116,9 @@ class MemoryConfig(MDNRNNConfig):
     training keys."""
 
     kind: str = param("mdnrnn", "mdnrnn (Ha & Schmidhuber's MDN-RNN) | rssm (recurrent state-space model, "
-                      "Hafner et al.)", choices=tuple(MEMORY_KINDS))
+                      "Hafner et al.) | tssm (causal transformer, TransDreamer-style)", choices=tuple(MEMORY_KINDS))
     rssm: RSSMOptions = param(RSSMOptions(), "kind rssm: the stochastic state and its KL")
+    tssm: TSSMOptions = param(TSSMOptions(), "kind tssm: layers, heads and the attended context")
     seq_len: int = param(32, "training subsequence length (steps)", minimum=1)
     batch_size: int = param(32, "subsequences per update", minimum=1)
     epochs: int = param(20, "passes over the training windows", minimum=1)
@@ -129,14 +132,21 @@ class MemoryConfig(MDNRNNConfig):
                         choices=DEVICES)
 
     def model_config(self):
-        """The config dataclass of M's kind (MDNRNNConfig or RSSMConfig), read from this section."""
+        """The config dataclass of M's kind (MDNRNNConfig, RSSMConfig or TSSMConfig), read from this section."""
         return config_subset(MEMORY_KINDS[self.kind].config_class, self)
 
 
 @dataclass
 class ControllerConfig(LinearControllerConfig):
-    """C: its hyperparameters (models/controller.py LinearControllerConfig) plus stage 05's CMA-ES keys."""
+    """C: its hyperparameters (models/controller.py LinearControllerConfig, models/actor_critic.py
+    ActorCriticConfig) plus stage 05's keys (CMA-ES for the linear C, imagination updates for the actor-critic)."""
 
+    kind: str = param("linear", "linear (W [features] + b, trained by CMA-ES) | actor_critic (MLP actor and critic "
+                      "trained only in M's imagination, Dreamer-style)", choices=tuple(CONTROLLER_KINDS))
+    actor_critic: ActorCriticConfig = param(ActorCriticConfig(), "kind actor_critic: networks, horizon, returns")
+    updates: int = param(2000, "actor_critic: imagination updates (eval_every counts updates for it)", minimum=1)
+    batch_windows: int = param(16, "actor_critic: real latent windows (memory.seq_len steps) whose filtered states "
+                               "start one update's imagination", minimum=1)
     env: str = param("real", "where C trains: real (the env itself) | dream (inside M; the held-out "
                      "re-evaluations stay real)", choices=("real", "dream"))
     temperature: float = param(1.0, "tau of M's sampling in the dream (Ha & Schmidhuber section 4.5)", above=0)
@@ -147,7 +157,8 @@ class ControllerConfig(LinearControllerConfig):
     max_steps: int = param(0, "cap on steps of a training episode (0: env.max_episode_steps)", minimum=0)
     early_stop_steps: int = param(0, "end a training episode after k steps without a new best return (0: off)",
                                   minimum=0)
-    eval_every: int = param(10, "re-evaluate the CMA-ES mean on held-out seeds every this many generations",
+    eval_every: int = param(10, "re-evaluate C on held-out seeds (and write a history row) every this many CMA-ES "
+                            "generations, or actor_critic updates",
                             minimum=1)
     eval_episodes: int = param(8, "held-out episodes per re-evaluation", minimum=1)
     workers: int = param(2, "worker processes, each holding an env plus V and M", minimum=1)
@@ -160,9 +171,9 @@ class ControllerConfig(LinearControllerConfig):
     max_wall_minutes: float = param(0.0, "stop after the generation that passes this wall time (0: no limit)",
                                     minimum=0)
 
-    def model_config(self) -> LinearControllerConfig:
-        """C's config dataclass, read from this section."""
-        return config_subset(LinearControllerConfig, self)
+    def model_config(self):
+        """The config dataclass of C's kind (LinearControllerConfig or ActorCriticConfig), read from this section."""
+        return self.actor_critic if self.kind == "actor_critic" else config_subset(LinearControllerConfig, self)
 
 
 @dataclass
@@ -215,7 +226,7 @@ class Config:
 # Keys that were renamed: a config that still uses the old name gets told the new one.
 RENAMED = {
     "vision.workers": "vision.threads (workers counts processes; V trains in one process)",
-    "mdnrnn": "memory (M's section; memory.kind: mdnrnn | rssm picks the model)",
+    "mdnrnn": "memory (M's section; memory.kind: mdnrnn | rssm | tssm picks the model)",
     "memory.workers": "memory.threads (workers counts processes; M trains in one process)",
 }
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from models.agent import Agent
-from models.controller import LinearController, LinearControllerConfig
-from models import from_checkpoint_dict
+from models.controller import LinearControllerConfig
+from models import controller_for_world_model, from_checkpoint_dict
 from utils.config import EnvConfig, RolloutsConfig
 from utils.envs import info_input_dims, make_env
 from utils.io import npz_bytes
@@ -153,13 +153,13 @@ def run_episode(env, policy, seed: int, max_steps: int = 0, early_stop_steps: in
 def load_agent(vision: dict, memory: dict, env_cfg: EnvConfig, controller: LinearControllerConfig | dict,
                action_space) -> Agent:
     """The agent of V's and M's checkpoint dicts (utils.checkpoints.read_checkpoint, checked by the stage) plus C:
-    an empty C of `controller` (a LinearControllerConfig), or the trained C of a controller checkpoint dict."""
+    an empty C of `controller` (the config dataclass of its kind), or the trained C of a controller checkpoint dict."""
     vision, memory = from_checkpoint_dict(vision, "vision"), from_checkpoint_dict(memory, "memory")
     if isinstance(controller, dict):
         c = from_checkpoint_dict(controller, "controller")
     else:
-        c = LinearController.for_world_model(controller, memory.feature_dim, action_space.low,
-                                             action_space.high, info_input_dims(env_cfg))
+        c = controller_for_world_model(controller, memory.feature_dim, action_space.low, action_space.high,
+                                       info_input_dims(env_cfg))
     return Agent(vision, memory, c)
 
 
@@ -189,7 +189,8 @@ def record_task(state: dict, task: tuple[int, int]) -> dict:
 
 def init_agent_worker(vision: dict, memory: dict, env_cfg: EnvConfig, controller: LinearControllerConfig,
                       threads: int = 1) -> dict:
-    """Worker state for stages 05 and 06: an env plus V and M (checkpoint dicts) and an empty C of `controller`."""
+    """Worker state for stages 05 and 06: an env plus V and M (checkpoint dicts) and an empty C of `controller` (the
+    config dataclass of C's kind; each task sets C's flat parameters)."""
     torch.set_num_threads(threads)
     env = make_env(env_cfg)
     agent = load_agent(vision, memory, env_cfg, controller, env.action_space)

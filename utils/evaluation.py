@@ -128,7 +128,8 @@ def dream_verdict(cfg, mdnrnn, controller: LinearController) -> dict | None:
     files = list_episodes(latents, "latents")
     check_latents(files)
     ec = cfg.evaluate
-    return dream_score(mdnrnn, start_latents(files), controller.get_params(), controller.low, controller.high,
+    policy = controller.get_params() if controller.kind == "linear" else controller  # a callable on M's features
+    return dream_score(mdnrnn, start_latents(files), policy, controller.low, controller.high,
                        cfg.controller.temperature, ec.episodes, ec.max_steps or cfg.env.max_episode_steps,
                        env_seed(cfg.seed, "evaluate", 0))
 
@@ -146,7 +147,7 @@ def write_media(cfg, out_dir: str, vision, mdnrnn, controller: LinearController,
     frames = list(episode.arrays["obs"])
     n_gif = save_episode_gif(os.path.join(out_dir, "episode.gif"), vision, frames, ec.gif_every, ec.gif_max_frames)
     media = {f"episode {seed} (return {episode.ret:.1f}): frame | reconstruction": "episode.gif"}
-    if cfg.controller.env == "dream":  # the controller in M's dream beside the same controller on the real track
+    if cfg.controller.env == "dream" or controller.kind == "actor_critic":  # C in M's dream beside C on the real track
         dream = dream_frames(vision, mdnrnn, controller, frames[0], cfg.controller.temperature, len(frames), cfg.seed)
         save_side_by_side_gif(os.path.join(out_dir, "dream.gif"), frames, dream, ec.gif_every, ec.gif_max_frames)
         media[f"real episode {seed} | dream from its first frame (tau {cfg.controller.temperature:g}), same C"] = "dream.gif"
@@ -172,8 +173,9 @@ def evaluate_run(cfg, out_dir: str, vision_path: str, mdnrnn_path: str, controll
     vision, mdnrnn, controller, ckpt = loaded
     seeds = [env_seed(cfg.seed, "evaluate", i) for i in range(ec.episodes)]
     scores = {"env": cfg.env.id, **score(play(cfg, vision_path, mdnrnn_path, controller, seeds), seeds)}
-    best_generation = (ckpt["best"] or {}).get("generation", ckpt["generation"])
-    scores |= {"params": ec.params, "params_generation": best_generation if ec.params == "best" else ckpt["generation"],
+    unit = "update" if controller.kind == "actor_critic" else "generation"  # what C's training counts
+    best_at = (ckpt["best"] or {}).get(unit, ckpt[unit])
+    scores |= {"params": ec.params, "params_unit": unit, "params_generation": best_at if ec.params == "best" else ckpt[unit],
                "controller": os.path.abspath(controller_path), "inputs": controller.inputs}
     dream = dream_verdict(cfg, mdnrnn, controller)
     if dream is not None:

@@ -89,18 +89,21 @@ RANDOM_POLICY_FILE = "random_policy.json"  # eval/ of a run: benchmarks/random_p
 def write_run_report(path: str, cfg, scores: dict, budget: dict, media: dict, fid: dict | None) -> None:
     """eval/report.md of one run (scores, FID, budget, media)."""
     c, r, m = cfg.controller, cfg.rollouts, cfg.memory
-    memory = (f"MDN-RNN ({m.hidden} units, {m.gaussians} Gaussians)" if m.kind == "mdnrnn" else
-              f"RSSM ({m.hidden} GRU units, {m.rssm.stoch}{f' x {m.rssm.classes} classes' if m.rssm.classes else ''}"
-              " stochastic)")
+    memory = {"mdnrnn": f"MDN-RNN ({m.hidden} units, {m.gaussians} Gaussians)",
+              "rssm": f"RSSM ({m.hidden} GRU units, {m.rssm.stoch}"
+                      f"{f' x {m.rssm.classes} classes' if m.rssm.classes else ''} stochastic)",
+              "tssm": f"TSSM ({m.tssm.layers} blocks of width {m.hidden}, context {m.tssm.context})"}[m.kind]
+    trained = (f"C = actor-critic trained in M's imagination (horizon {c.actor_critic.horizon})" if c.kind == "actor_critic"
+               else f"C = linear, trained with CMA-ES in the {c.env} env")
     lines = [
         f"# Evaluation: {cfg.run_dir}",
         "",
-        f"World model: V = {cfg.vision.kind} (z = {cfg.vision.z_dim}), M = {memory}, C = linear, trained with CMA-ES in the {c.env} env.",
+        f"World model: V = {cfg.vision.kind} (z = {cfg.vision.z_dim}), M = {memory}, {trained}.",
         "",
         "| env | episodes | mean +- std | min | max | controller params |",
         "| --- | --- | --- | --- | --- | --- |",
         f"| {cfg.env.id} | {scores['episodes']} | {scores['mean']:.1f} +- {scores['std']:.1f} | "
-        f"{scores['min']:.1f} | {scores['max']:.1f} | {scores['params']} (generation {scores['params_generation']}) |",
+        f"{scores['min']:.1f} | {scores['max']:.1f} | {scores['params']} ({scores.get('params_unit', 'generation')} {scores['params_generation']}) |",
     ]
     if "dream" in scores:
         d = scores["dream"]
@@ -129,9 +132,11 @@ def write_run_report(path: str, cfg, scores: dict, budget: dict, media: dict, fi
         "vision": lambda b: f"{b.get('epochs')} epochs (best: {b.get('best_epoch')})",
         "latents": lambda b: f"{b.get('episodes')} episodes",
         "mdnrnn": lambda b: f"{b.get('epochs')} epochs (best: {b.get('best_epoch')})",
-        "controller": lambda b: f"{b.get('generations')} generations x {c.popsize} candidates x "
-        f"{c.rollouts_per_candidate} rollouts, {b.get('env_steps')} env steps"
-        + (f", {b.get('dream_steps')} dream steps" if b.get("dream_steps") else ""),
+        "controller": lambda b: (f"{b.get('updates')} actor-critic updates, {b.get('dream_steps')} imagined steps"
+                                 if b.get("kind") == "actor_critic" else
+                                 f"{b.get('generations')} generations x {c.popsize} candidates x "
+                                 f"{c.rollouts_per_candidate} rollouts, {b.get('env_steps')} env steps"
+                                 + (f", {b.get('dream_steps')} dream steps" if b.get("dream_steps") else "")),
     }
     for name, b in budget.items():
         cpu = "-" if b.get("cpu_s") is None else f"{b['cpu_s']:.0f}"
@@ -197,12 +202,20 @@ def plot_training_curves(run_dir: str, path: str) -> bool:
         if ax.lines:
             ax.legend(fontsize=7)
     ax = axes[1, 1]
-    if history:
+    if history and "update" in history[0]:  # the actor-critic's rows
+        updates = [row["update"] for row in history]
+        ax.plot(updates, [row["imagined_return"] for row in history], label="imagined lambda-return")
+        ax.errorbar(updates, [row["heldout_mean"] for row in history], yerr=[row["heldout_std"] for row in history],
+                    fmt="o-", capsize=3, label="held-out real return")
+        ax.set_xlabel("imagination updates")
+        ax.legend(loc="lower right", fontsize=7)
+        ax.set_title("C: actor-critic in M's imagination", fontsize=10)
+    elif history:
         env = "dream" if any(row.get("dream_steps") for row in history) else "training tracks"
         draw_fitness(ax, history, env)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="lower right", fontsize=7)
-    ax.set_title("C: CMA-ES fitness per generation", fontsize=10)
+        ax.set_title("C: CMA-ES fitness per generation", fontsize=10)
     fig.suptitle(run_dir)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -244,7 +257,7 @@ def _budget_cells(run: dict) -> str:
     cfg, b = run["config"], run["budget"]
     c = cfg["controller"]
     wall, cpu = budget_totals(b)
-    gens = b.get("controller", {}).get("generations", "-")
+    gens = b.get("controller", {}).get("generations", b.get("controller", {}).get("updates", "-"))
     where = f", tau {c.get('temperature', 1.0):g}" if c["env"] == "dream" else ""
     return [str(b.get("rollouts", {}).get("episodes_on_disk", "-")), str(b.get("vision", {}).get("epochs", "-")),
             str(b.get("mdnrnn", {}).get("epochs", "-")), f"{gens} x {c['popsize']} x {c['rollouts_per_candidate']}{where}",
