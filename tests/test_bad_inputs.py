@@ -296,6 +296,11 @@ CASES = [
     ("stage-folder-in-use-01", stage_folder_in_use, ("run/rollouts", "in use by pid 123")),
     # 11. a checkpoint of the wrong kind
     ("checkpoint-wrong-kind-03", checkpoint_of_the_wrong_kind, ("mdnrnn/best.pt", "kind 'mdnrnn'", "vision")),
+    ("memory-of-another-kind-05", config_error("05_train_controller", ("vision", "mdnrnn"), memory={"kind": "rssm"}),
+     ("mdnrnn/best.pt", "M of kind 'mdnrnn'", "'memory.kind' is 'rssm'")),
+    ("controller-of-another-kind-06",
+     config_error("06_evaluate", ("vision", "mdnrnn", "controller"), controller={"kind": "actor_critic"}),
+     ("controller/controller.pt", "C of kind 'linear'", "'controller.kind' is 'actor_critic'")),
 ]
 
 

@@ -69,14 +69,18 @@ def save_model(path: str, model, **extra) -> None:
     save_torch(path, ckpt)
 
 
-def load_world_model(vision_path: str, mdnrnn_path: str, z_dim: int | None = None):
-    """Load V and M and check that they agree on z_dim (and with the config's `vision.z_dim`).
+def load_world_model(vision_path: str, mdnrnn_path: str, z_dim: int | None = None, memory_kind: str | None = None):
+    """Load V and M and check that they agree on z_dim (and with the config's `vision.z_dim` and `memory.kind`).
 
     Raises:
-        UserError: a missing or wrong-kind checkpoint, or mismatched latent sizes.
+        UserError: a missing or wrong-kind checkpoint, an M of another kind than `memory_kind`, or mismatched
+            latent sizes.
     """
     vision, _ = load_model(vision_path, "vision")
     mdnrnn, _ = load_model(mdnrnn_path, "memory")
+    if memory_kind is not None and mdnrnn.kind != memory_kind:
+        raise UserError(f"{mdnrnn_path}: M of kind {mdnrnn.kind!r}, but key 'memory.kind' is {memory_kind!r}; train "
+                        "M with this config (stage 04) or set memory.kind to match")
     if mdnrnn.z_dim != vision.z_dim:
         raise UserError(
             f"{mdnrnn_path}: M trained on z_dim={mdnrnn.z_dim}, but {vision_path} has z_dim={vision.z_dim}"

@@ -41,7 +41,10 @@ def load_evaluated_agent(cfg, vision_path: str, mdnrnn_path: str, controller_pat
         UserError: a missing or wrong-kind checkpoint, or sizes that do not agree.
     """
     controller, ckpt = load_model(controller_path, "controller")
-    vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim)
+    vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim, cfg.memory.kind)
+    if controller.kind != cfg.controller.kind:
+        raise UserError(f"{controller_path}: C of kind {controller.kind!r}, but key 'controller.kind' is "
+                        f"{cfg.controller.kind!r}")
     check_env(cfg.env)
     dims = info_input_dims(cfg.env)
     extra = sum(dims.get(key, 0) for key in controller.info_keys)
