@@ -121,7 +121,8 @@ def write_run_report(path: str, cfg, scores: dict, budget: dict, media: dict, fi
     lines += [
         "",
         f"Evaluation seeds {scores['seeds'][0]}..{scores['seeds'][-1]} are disjoint from every training seed "
-        "(the `best` parameters were picked on the CMA-ES held-out episodes, which are not these either).",
+        "(the `best` parameters were picked on stage 05's held-out re-evaluation episodes, which are not these "
+        "either).",
     ]
     if fid is not None:
         lines += ["", "## FID", "", *fid_lines(fid)]
