@@ -72,16 +72,31 @@ def mdn_sample(params: MixtureParams, temperature: float = 1.0, generator=None) 
 
 
 @dataclass
-class MDNRNNConfig:
-    """M's hyperparameters. z_dim and action_dim are not among them: they come from the latents."""
+class SequenceModelConfig:
+    """What every M kind shares: the width of h and the bounds of the sigmas it predicts for z."""
 
     hidden: int = param(256, "units of h: the LSTM of the MDN-RNN (C reads [z, h]), the GRU of the RSSM, the "
-                        "width of the TSSM",
-                        minimum=1)
-    gaussians: int = param(5, "mdnrnn: mixture components per latent dimension", minimum=1)
-    min_log_sigma: float = param(-5.0, "each sigma of M's prediction of z (mixture components; the RSSM's z head) "
-                                 "is bounded to [exp(min_log_sigma), exp(max_log_sigma)]")
+                        "width of the TSSM", minimum=1)
+    min_log_sigma: float = param(-5.0, "each sigma of M's prediction of z (mixture components; the RSSM's and the "
+                                 "TSSM's z head) is bounded to [exp(min_log_sigma), exp(max_log_sigma)]")
     max_log_sigma: float = param(2.0, "upper bound of log sigma (see min_log_sigma)")
+
+
+def bounded_gaussian_nll(out: torch.Tensor, z: torch.Tensor, min_log_sigma: float, max_log_sigma: float
+                         ) -> torch.Tensor:
+    """-log N(z; mu, sigma) summed over the last dim, for a head output out (..., 2D) = [mu, raw sigma] whose
+    log sigma is min_log_sigma + (max - min) sigmoid(raw) (the RSSM's and the TSSM's z heads). z (..., D) ->
+    float (...), nats."""
+    mu, raw = out.chunk(2, dim=-1)
+    log_sigma = min_log_sigma + (max_log_sigma - min_log_sigma) * torch.sigmoid(raw)
+    return (0.5 * ((z - mu) * torch.exp(-log_sigma)).pow(2) + log_sigma + HALF_LOG_2PI).sum(-1)
+
+
+@dataclass
+class MDNRNNConfig(SequenceModelConfig):
+    """M's hyperparameters. z_dim and action_dim are not among them: they come from the latents."""
+
+    gaussians: int = param(5, "mdnrnn: mixture components per latent dimension", minimum=1)
 
 
 class MDNRNN(nn.Module):

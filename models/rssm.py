@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import distributions as D
 
 from models.hparams import param
-from models.mdnrnn import HALF_LOG_2PI
+from models.mdnrnn import SequenceModelConfig, bounded_gaussian_nll
 
 RSSMState = tuple[torch.Tensor, torch.Tensor]  # (h (B, hidden), s (B, stoch_dim))
 
@@ -53,15 +53,9 @@ class RSSMOptions:
 
 
 @dataclass
-class RSSMConfig:
-    """The RSSM's config: the deterministic size and sigma bounds shared with the MDN-RNN's keys, plus `rssm`."""
+class RSSMConfig(SequenceModelConfig):
+    """The RSSM's config: h's width and the z head's sigma bounds (shared with every M kind), plus `rssm`."""
 
-    hidden: int = param(256, "units of h: the LSTM of the MDN-RNN (C reads [z, h]), the GRU of the RSSM, the "
-                        "width of the TSSM",
-                        minimum=1)
-    min_log_sigma: float = param(-5.0, "each sigma of M's prediction of z (mixture components; the RSSM's z head) "
-                                 "is bounded to [exp(min_log_sigma), exp(max_log_sigma)]")
-    max_log_sigma: float = param(2.0, "upper bound of log sigma (see min_log_sigma)")
     rssm: RSSMOptions = param(RSSMOptions(), "memory.kind rssm only")
 
 
@@ -187,11 +181,8 @@ class RSSM(nn.Module):
     # ------------------------------------------------------------ training
 
     def _z_nll(self, feat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """-log N(z; mu, sigma) summed over z_dim, sigma bounded like the MDN-RNN's. (..., F), (..., D) -> (...)."""
-        mu, raw = self.z_head(feat).chunk(2, dim=-1)
-        span = self.config.max_log_sigma - self.config.min_log_sigma
-        log_sigma = self.config.min_log_sigma + span * torch.sigmoid(raw)
-        return (0.5 * ((z - mu) * torch.exp(-log_sigma)).pow(2) + log_sigma + HALF_LOG_2PI).sum(-1)
+        """-log p(z | h, s) summed over z_dim: (..., F), (..., D) -> (...)."""
+        return bounded_gaussian_nll(self.z_head(feat), z, self.config.min_log_sigma, self.config.max_log_sigma)
 
     def filter(self, z: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Posterior rollout over a window: z (B, T+1, D), a (B, T, A) -> the features (B, T, F) of the states

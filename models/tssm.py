@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.hparams import param
-from models.mdnrnn import HALF_LOG_2PI
+from models.mdnrnn import SequenceModelConfig, bounded_gaussian_nll
 
 # (z (B, D), h (B, d_model), keys and values (B, layers, heads, context, head_dim) each, valid (B, context),
 #  step (B,): the absolute position of the next token)
@@ -44,15 +44,9 @@ class TSSMOptions:
 
 
 @dataclass
-class TSSMConfig:
-    """The TSSM's config: model width and sigma bounds shared with the MDN-RNN's keys, plus `tssm`."""
+class TSSMConfig(SequenceModelConfig):
+    """The TSSM's config: its width (hidden) and the z head's sigma bounds (shared with every M kind), plus `tssm`."""
 
-    hidden: int = param(256, "units of h: the LSTM of the MDN-RNN (C reads [z, h]), the GRU of the RSSM, the "
-                        "width of the TSSM",
-                        minimum=1)
-    min_log_sigma: float = param(-5.0, "each sigma of M's prediction of z (mixture components; the RSSM's z head) "
-                                 "is bounded to [exp(min_log_sigma), exp(max_log_sigma)]")
-    max_log_sigma: float = param(2.0, "upper bound of log sigma (see min_log_sigma)")
     tssm: TSSMOptions = param(TSSMOptions(), "memory.kind tssm only")
 
 
@@ -146,10 +140,7 @@ class TSSM(nn.Module):
         return self.norm(x)
 
     def _z_nll(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        mu, raw = self.z_head(h).chunk(2, dim=-1)
-        span = self.config.max_log_sigma - self.config.min_log_sigma
-        log_sigma = self.config.min_log_sigma + span * torch.sigmoid(raw)
-        return (0.5 * ((z - mu) * torch.exp(-log_sigma)).pow(2) + log_sigma + HALF_LOG_2PI).sum(-1)
+        return bounded_gaussian_nll(self.z_head(h), z, self.config.min_log_sigma, self.config.max_log_sigma)
 
     def loss(self, z, a, reward, done, next_valid, step_valid, reward_weight: float = 1.0,
              done_weight: float = 1.0) -> dict[str, torch.Tensor]:

@@ -31,8 +31,6 @@ run would.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import time
@@ -48,7 +46,7 @@ from utils.checkpoints import read_checkpoint, save_model
 from utils.config import Config, config_to_dict
 from utils.episodes import agent_task, expected_episode_s, init_agent_worker
 from utils.errors import UserError
-from utils.io import atomic_path, file_sha256, save_npz, save_text
+from utils.io import atomic_path, file_sha256, save_csv, save_npz
 from utils.parallel import make_pool
 from utils.seeding import env_seed
 
@@ -70,12 +68,7 @@ def generation_seeds(cfg: Config, generation: int) -> list[int]:
 
 
 def _write_history(path: str, history: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: row.get(k, "") for k in HISTORY_FIELDS})
-    save_text(path, buf.getvalue())
+    save_csv(path, history, HISTORY_FIELDS)
 
 
 def draw_fitness(ax, history: list[dict], where: str = "training tracks") -> None:

@@ -11,8 +11,6 @@ actor's parameters beside it as `params_mean`). A killed run resumes at its last
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import time
@@ -28,7 +26,7 @@ from utils.config import Config, config_to_dict
 from utils.data import LatentWindows
 from utils.episodes import agent_task, expected_episode_s, init_agent_worker
 from utils.errors import UserError
-from utils.io import atomic_path, file_sha256, save_text
+from utils.io import atomic_path, file_sha256, save_csv
 from utils.parallel import make_pool
 
 HISTORY_FIELDS = ["update", "imagined_return", "actor_loss", "critic_loss", "entropy", "return_scale",
@@ -37,12 +35,7 @@ HISTORY_FIELDS = ["update", "imagined_return", "actor_loss", "critic_loss", "ent
 
 def write_history(path: str, history: list[dict]) -> None:
     """history.csv: one row per `eval_every` updates, the columns of HISTORY_FIELDS."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: row.get(k, "") for k in HISTORY_FIELDS})
-    save_text(path, buf.getvalue())
+    save_csv(path, history, HISTORY_FIELDS)
 
 
 def plot_history(history: list[dict], path: str, title: str) -> None:

@@ -8,6 +8,7 @@ half-written artifact that the next stage would trust.
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
 import io
 import json
@@ -77,6 +78,16 @@ def save_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
+
+
+def save_csv(path: str, rows: list[dict], fields: list[str]) -> None:
+    """Write `rows` as CSV with the columns `fields` atomically (a missing value is an empty cell)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in fields})
+    save_text(path, buf.getvalue())
 
 
 def save_torch(path: str, obj: Any) -> None:
