@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
                         f"(PandaReach); got controller.env={cc.env}, env.id={cfg.env.id}")
     if cc.kind == "actor_critic" and cc.inputs != "z_h":
         raise UserError(f"controller.inputs: the actor-critic reads M's features only (z_h), got {cc.inputs}")
+    if cc.kind == "actor_critic" and not cc.actor_critic.min_std < cc.actor_critic.max_std:
+        raise UserError(f"controller.actor_critic.min_std ({cc.actor_critic.min_std}) must be below "
+                        f"controller.actor_critic.max_std ({cc.actor_critic.max_std})")
     vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim, cfg.memory.kind)
     env = make_env(cfg.env)
     low, high = env.action_space.low, env.action_space.high

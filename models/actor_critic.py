@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models.controller import squash_to_bounds
 from models.hparams import param
@@ -62,6 +61,7 @@ class ActorCriticConfig:
     critic_lr: float = param(8e-5, "Adam learning rate of the critic", above=0)
     slow_critic: float = param(0.02, "EMA rate of the slow critic that bootstraps the returns", above=0, maximum=1)
     min_std: float = param(0.1, "lower bound of the actor's sigma (pre-squash units)", above=0)
+    max_std: float = param(1.0, "upper bound of the actor's sigma (pre-squash units; DreamerV3's 1)", above=0)
     grad_clip: float = param(100.0, "max global gradient norm of each of actor and critic", above=0)
 
 
@@ -75,6 +75,9 @@ class ActorCritic(nn.Module):
 
     Args:
         config: ActorCriticConfig; in_dim: M.feature_dim; action_low, action_high: the env's bounds.
+
+    Raises:
+        ValueError: min_std >= max_std.
     """
 
     kind = "actor_critic"
@@ -84,6 +87,8 @@ class ActorCritic(nn.Module):
                  action_high=(1.0,)):
         super().__init__()
         config = config or ActorCriticConfig()
+        if not config.min_std < config.max_std:
+            raise ValueError(f"actor_critic.min_std ({config.min_std}) must be below max_std ({config.max_std})")
         self.config, self.in_dim = config, int(in_dim)
         self.low = np.asarray(action_low, dtype=np.float32)
         self.high = np.asarray(action_high, dtype=np.float32)
@@ -140,9 +145,12 @@ class ActorCritic(nn.Module):
             torch.nn.utils.vector_to_parameters(flat, self.actor.parameters())
 
     def policy(self, x: torch.Tensor) -> torch.distributions.Normal:
-        """The Gaussian over pre-squash actions u, (B, A) each."""
+        """The Gaussian over pre-squash actions u, (B, A) each; sigma in [min_std, max_std] (DreamerV3's
+        sigmoid bound: without an upper bound the entropy bonus and the tanh squash let sigma grow without end)."""
         mean, raw_std = self.actor(x).chunk(2, dim=-1)
-        return torch.distributions.Normal(mean, F.softplus(raw_std) + self.config.min_std, validate_args=False)
+        c = self.config
+        std = c.min_std + (c.max_std - c.min_std) * torch.sigmoid(raw_std + 2.0)
+        return torch.distributions.Normal(mean, std, validate_args=False)
 
     def act(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """Action float32 (B, A) within the bounds: squash(mean), or squash(u) for a reparameterised u ~ pi."""

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from models.hparams import param
 from models.mdnrnn import SequenceModelConfig, bounded_gaussian_nll
 
-# (z (B, D), h (B, d_model), keys and values (B, layers, heads, context, head_dim) each, valid (B, context),
-#  step (B,): the absolute position of the next token)
-TSSMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# (z (B, D), h (B, d_model), valid (B, context) bool, step (B,) long: the absolute position of the next token,
+#  then per layer its keys and values (B, heads, context, head_dim): k_0, v_0, k_1, v_1, ...). One tensor per
+#  layer rather than one stacked tensor: selecting a layer out of a stack costs a full-size zero fill in backward.
+TSSMState = tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -59,6 +60,15 @@ def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row: q (B, heads, 1, d), k and v (B, heads, C, d), valid (B, C) bool ->
+    (B, heads, 1, d). Written out because CPU torch's fused attention backward zero-fills buffers of the whole
+    cache for a single query, which was most of an imagination update."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, 1, C)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
 
 
 class Block(nn.Module):
@@ -161,10 +171,10 @@ class TSSM(nn.Module):
         """An empty cache: z = 0, h = 0, no valid key, the next token at position 0."""
         device = self.embed.weight.device
         o = self.options
-        cache = torch.zeros(batch, o.layers, o.heads, self.context, self.hidden // o.heads, device=device)
+        empty = torch.zeros(batch, o.heads, self.context, self.hidden // o.heads, device=device)
         return (torch.zeros(batch, self.z_dim, device=device), torch.zeros(batch, self.hidden, device=device),
-                cache, cache.clone(), torch.zeros(batch, self.context, dtype=torch.bool, device=device),
-                torch.zeros(batch, dtype=torch.long, device=device))
+                torch.zeros(batch, self.context, dtype=torch.bool, device=device),
+                torch.zeros(batch, dtype=torch.long, device=device), *[empty.clone() for _ in range(2 * o.layers)])
 
     def observe(self, state: TSSMState, z: torch.Tensor, sample: bool = False, generator=None) -> TSSMState:
         """Take the real latent z (B, z_dim) as the current one."""
@@ -177,18 +187,17 @@ class TSSM(nn.Module):
     def transition(self, state: TSSMState, a: torch.Tensor) -> TSSMState:
         """Append the token [z_t, a_t] to the cache (the oldest leaves when it is full) and compute its output
         h_t attending over the cache: one token of work."""
-        z, _, keys, values, valid, step = state
+        z, _, valid, step, *cache = state
         x = self.embed(torch.cat([z, a], dim=-1))[:, None]  # (B, 1, W)
         valid = torch.cat([valid[:, 1:], torch.ones_like(valid[:, :1])], dim=1)
-        new_keys, new_values = [], []
+        new_cache = []
         for i, block in enumerate(self.blocks):
             q, k, v = block.qkv_heads(x, step[:, None])
-            k_i = torch.cat([keys[:, i, :, 1:], k], dim=2)  # (B, heads, context, head_dim)
-            v_i = torch.cat([values[:, i, :, 1:], v], dim=2)
-            x = block.finish(x, F.scaled_dot_product_attention(q, k_i, v_i, attn_mask=valid[:, None, None, :]))
-            new_keys.append(k_i)
-            new_values.append(v_i)
-        return z, self.norm(x)[:, 0], torch.stack(new_keys, 1), torch.stack(new_values, 1), valid, step + 1
+            k_i = torch.cat([cache[2 * i][:, :, 1:], k], dim=2)  # (B, heads, context, head_dim)
+            v_i = torch.cat([cache[2 * i + 1][:, :, 1:], v], dim=2)
+            x = block.finish(x, attend_one(q, k_i, v_i, valid))
+            new_cache += [k_i, v_i]
+        return (z, self.norm(x)[:, 0], valid, step + 1, *new_cache)
 
     def imagine(self, state: TSSMState, temperature: float = 1.0, generator=None) -> TSSMState:
         """z_{t+1} ~ N(mu(h_t), sigma(h_t)^2 tau) after `transition` (reparameterised: differentiable)."""

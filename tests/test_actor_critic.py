@@ -187,6 +187,16 @@ def test_stage_05_trains_the_actor_critic_in_imagination_resumes_and_06_plays_it
     assert "resuming at update 5/6" in second.stdout
     again = list(csv.DictReader(open(run_dir / "controller" / "history.csv")))
     assert again[:2] == rows and [r["update"] for r in again] == ["2", "4", "6"]
+    # a resumed run is the run that never stopped: every update is seeded by its index, latest.pt holds the rest
+    straight = tmp_path / "straight"
+    for stage in ("rollouts", "vision", "latents", "mdnrnn"):
+        shutil.copytree(run_dir / stage, straight / stage)
+    (tmp_path / "straight_cfg").mkdir()
+    assert_ok(run_script("05_train_controller", write_config(tmp_path / "straight_cfg", straight, controller=controller)))
+    whole = list(csv.DictReader(open(straight / "controller" / "history.csv")))
+    timing = ("seconds", "worker_restarts")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in whole] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in again]
     c, ckpt = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
     assert c.kind == "actor_critic" and ckpt["update"] == 6 and ckpt["best"]["update"] in (2, 4, 6)
     assert_ok(run_script("06_evaluate", config))

@@ -267,6 +267,10 @@ CASES = [
     ("cuda-without-a-gpu-dream-05", config_error("05_train_controller", ("vision", "latents", "mdnrnn"),
                                                  controller={"env": "dream", "device": "cuda"}),
      ("controller.device=cuda", "no CUDA device")),
+    ("config-actor-std-bounds-05",
+     config_error("05_train_controller", ("vision", "mdnrnn"),
+                  controller={"kind": "actor_critic", "actor_critic": {"min_std": 2.0, "max_std": 1.0}}),
+     ("controller.actor_critic.min_std (2.0)", "below", "max_std (1.0)")),
     ("config-popsize-1-05", config_error("05_train_controller", ("vision", "mdnrnn"), controller={"popsize": 1}),
      ("controller.popsize", ">= 2")),
     # 4. a renamed key

@@ -26,6 +26,15 @@ def test_defaults_and_shipped_configs_load():
         v = build_model("vision", cfg.vision.kind, cfg.vision.model_config(), frame_size=cfg.env.frame_size)
         assert v.z_dim == cfg.vision.z_dim == (64 if name == "carracing_nvae_paper" else 32)
     assert load_config("configs/carracing_vae_paper.yaml").rollouts.episodes == 10_000
+    kinds = {"carracing_rssm_ac": ("CarRacing-v3", "rssm"), "carracing_tssm_ac": ("CarRacing-v3", "tssm"),
+             "panda_reach_rssm_ac": ("PandaReachJointsDense-v3", "rssm")}
+    for name, (env, memory) in kinds.items():  # the world-model blocks compose onto their task config
+        cfg = load_config(f"configs/{name}.yaml")
+        assert (cfg.env.id, cfg.memory.kind, cfg.controller.kind, cfg.run_dir) == (env, memory, "actor_critic",
+                                                                                   f"runs/{name}")
+    nvae = load_config(["configs/panda_reach_nvae.yaml", "configs/blocks/panda_rssm_ac.yaml"])
+    assert (nvae.vision.kind, nvae.memory.kind, nvae.memory.hidden, nvae.controller.updates) == ("nvae", "rssm", 128,
+                                                                                                  1000)
     paper = load_config("configs/carracing_nvae_paper.yaml").vision  # the thesis's Table 4
     assert (paper.nvae.channels, paper.nvae.num_flows, paper.nvae.spectral_lambda, paper.epochs) == (20, 2, 0.1, 1000)
 

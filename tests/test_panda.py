@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, STAGES, assert_ok, assert_user_error, run_script, write_config
+from conftest import NVAE_TINY, ROOT, STAGES, assert_ok, assert_user_error, run_script, write_config
 from models.controller import LinearController, LinearControllerConfig
 from utils.checkpoints import load_model
 from utils.config import EnvConfig, load_config
@@ -176,6 +176,35 @@ def test_proprio_controller_end_to_end_and_table_3(panda_run):
     assert rows[1][2:6] == ["pixels + joint angles: [z, h, q]", f"{100 * scores['success_rate']:.0f} % (3)",
                             f"{scores['mean']:.1f} +- {scores['std']:.1f}", "-"]  # no random-policy file there
     assert rows[0][6] == rows[1][6] == "-"  # the thesis has no conv VAE number for Panda
+
+
+AC_TINY = {"kind": "actor_critic", "updates": 2, "eval_every": 2, "eval_episodes": 1, "batch_windows": 2,
+           "workers": 1, "actor_critic": {"units": 16, "horizon": 3}}
+
+
+@pytest.mark.parametrize("vision, memory", [
+    (None, {"kind": "rssm", "hidden": 16, "seq_len": 6, "rssm": {"stoch": 4, "units": 16}}),
+    (NVAE_TINY, {"kind": "tssm", "hidden": 16, "seq_len": 6, "tssm": {"layers": 1, "heads": 2, "context": 6}}),
+], ids=["vae-rssm", "nvae-tssm"])
+def test_new_memory_kinds_and_the_actor_critic_on_panda_reach(panda_run, tmp_path, vision, memory):
+    """Panda with an RSSM on the conv VAE and a TSSM on the NVAE, each with the actor-critic as C: stages
+    04-06 (02-06 for the NVAE) on panda_run's rollouts."""
+    run_dir = tmp_path / "run"
+    kept = ("rollouts",) if vision else ("rollouts", "vision", "latents")
+    for stage in kept:
+        shutil.copytree(os.path.join(panda_run["run_dir"], stage), run_dir / stage)
+    sections = {**TINY_PANDA, "memory": memory, "controller": AC_TINY}
+    if vision:
+        sections["vision"] = vision
+    config = write_config(tmp_path, run_dir, **sections)
+    for stage in STAGES[1 if vision else 3:]:
+        assert_ok(run_script(stage, config))
+    m, _ = load_model(str(run_dir / "mdnrnn" / "best.pt"), "memory")
+    c, _ = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
+    assert m.kind == memory["kind"] and c.kind == "actor_critic" and c.action_dim == 7
+    scores = json.load(open(run_dir / "eval" / "scores.json"))
+    assert scores["env"] == "PandaReachJoints-v3" and scores["episodes"] == 3 and scores["inputs"] == "z_h"
+    assert scores["success_rate"] == np.mean(scores["successes"]) and np.isfinite(scores["mean"])
 
 
 def test_proprio_inputs_need_a_real_panda_env(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import distributions as D
 
-from conftest import assert_ok, run_script, write_config
+from conftest import NVAE_TINY, assert_ok, run_script, write_config
 from models import MEMORY_KINDS
 from models.controller import LinearController, LinearControllerConfig
 from models.dream import DreamEnv, dream_returns
@@ -110,13 +110,15 @@ def test_round_trip_and_the_wrong_kind(tmp_path):
     assert set(MEMORY_KINDS) >= {"mdnrnn", "rssm"}
 
 
-def test_stages_04_to_06_with_an_rssm(tiny_run, tmp_path):
+def test_stages_04_to_06_with_an_rssm_on_the_nvae(tiny_nvae_run, tmp_path):
+    """The NVAE as V here (the TSSM's and the actor-critic's stage tests use the conv VAE)."""
     run_dir = tmp_path / "run"
     for stage in ("rollouts", "vision", "latents"):
-        shutil.copytree(os.path.join(tiny_run["run_dir"], stage), run_dir / stage)
+        shutil.copytree(os.path.join(tiny_nvae_run["run_dir"], stage), run_dir / stage)
     memory = {"kind": "rssm", "hidden": 16, "seq_len": 8, "batch_size": 4, "epochs": 2, "threads": 1,
               "rssm": {"stoch": 4, "classes": 4, "units": 16}}
-    config = write_config(tmp_path, run_dir, memory=memory)
+    config = write_config(tmp_path, run_dir, vision=NVAE_TINY, memory=memory,
+                          evaluate={"episodes": 3, "max_steps": 30})
     proc = run_script("04_train_mdnrnn", config)
     assert_ok(proc)
     assert "M = rssm" in proc.stdout
