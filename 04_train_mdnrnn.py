@@ -21,7 +21,7 @@ from utils.data import check_latents, split_episodes
 from utils.errors import UserError
 from utils.io import list_episodes, load_episode, read_manifest, write_manifest
 from utils.seeding import seed_everything
-from utils.training import resolve_device, train_memory
+from utils.training import build_model, check_init_from, resolve_device, train_memory
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     if not held:
         raise UserError(f"{latents}: need at least 2 episodes to hold one out (found {len(files)})")
     resolve_device(cfg.memory.device, "memory.device")
+    mc = cfg.memory
+    if mc.init_from:  # checked before the stage folder is touched
+        check_init_from(mc.init_from, build_model("memory", mc.kind, mc.model_config(), z_dim=sizes["z_dim"],
+                                                     action_dim=sizes["action_dim"]))
     out_dir = open_stage_dir(cfg, "mdnrnn")
     print(f"[04] M = {cfg.memory.kind}, z={sizes['z_dim']} a={sizes['action_dim']}: {len(train)} training / {len(held)} held-out episodes")
     start = time.perf_counter()

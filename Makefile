@@ -13,7 +13,7 @@ LOCK_TOOL := pip-tools==7.6.2
 TORCH_WHEELS ?= /opt/wheels
 LOCK_ARGS ?=
 
-.PHONY: install lock demo test bench clean-demo
+.PHONY: install lock demo test bench clean-demo iterate
 
 $(STAMP): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# make iterate CONFIG=configs/carracing_iterative_vae.yaml [SET="iterative.rounds=4"]: iterative training,
+# round after round (utils/iterative.py); rerun the same command to resume
+iterate: $(STAMP)
+	$(PY) -m utils.iterative --config $(CONFIG) $(if $(SET),--set $(SET))
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py

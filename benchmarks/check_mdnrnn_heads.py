@@ -16,49 +16,14 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.dream import DONE_THRESHOLD  # noqa: E402
 from utils.checkpoints import load_model  # noqa: E402
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser  # noqa: E402
 from utils.data import LATENT_KEYS, split_episodes  # noqa: E402
+from utils.evaluation import head_metrics, head_predictions  # noqa: E402
 from utils.io import list_episodes, load_episode  # noqa: E402
-
-
-@torch.no_grad()
-def head_predictions(memory, episode: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted reward float (T,) and done probability float (T,) for one latent episode, by filtering
-    through M's interface (any memory kind): the heads of step t read the state after a_t and z_{t+1} (after
-    the last action, which has no next frame, M imagines z_{t+1})."""
-    z = torch.from_numpy(episode["mu"])
-    a = torch.from_numpy(episode["actions"].astype(np.float32))
-    state = memory.observe(memory.initial_state(1), z[:1])
-    rewards, dones = [], []
-    for t in range(len(a)):
-        state = memory.transition(state, a[t : t + 1])
-        state = memory.observe(state, z[t + 1 : t + 2]) if t + 1 < len(z) else memory.imagine(state)
-        reward, done_logit = memory.heads(state)
-        rewards.append(float(reward[0]))
-        dones.append(float(torch.sigmoid(done_logit[0])))
-    return np.array(rewards, np.float32), np.array(dones, np.float32)
-
-
-def head_metrics(pred_reward, real_reward, done_prob, real_done) -> dict:
-    """Correlation, MSE, and done precision / recall (None where undefined) over concatenated steps."""
-    predicted = done_prob > DONE_THRESHOLD
-    real_done = real_done.astype(bool)
-    tp = int((predicted & real_done).sum())
-    return {
-        "steps": len(real_reward),
-        "reward_corr": float(np.corrcoef(pred_reward, real_reward)[0, 1]),
-        "reward_mse": float(np.mean((pred_reward - real_reward) ** 2)),
-        "done_real": int(real_done.sum()),
-        "done_predicted": int(predicted.sum()),
-        "done_precision": tp / predicted.sum() if predicted.any() else None,
-        "done_recall": tp / real_done.sum() if real_done.any() else None,
-    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,6 +32,9 @@ def test_defaults_and_shipped_configs_load():
         cfg = load_config(f"configs/{name}.yaml")
         assert (cfg.env.id, cfg.memory.kind, cfg.controller.kind, cfg.run_dir) == (env, memory, "actor_critic",
                                                                                    f"runs/{name}")
+    for kind in ("vae", "nvae"):  # iterative training: the same rounds on either V, C in the dream
+        cfg = load_config(f"configs/carracing_iterative_{kind}.yaml")
+        assert (cfg.vision.kind, cfg.controller.env, cfg.iterative.rounds) == (kind, "dream", 4)
     nvae = load_config(["configs/panda_reach_nvae.yaml", "configs/blocks/panda_rssm_ac.yaml"])
     assert (nvae.vision.kind, nvae.memory.kind, nvae.memory.hidden, nvae.controller.updates) == ("nvae", "rssm", 128,
                                                                                                   1000)

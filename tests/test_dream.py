@@ -156,8 +156,7 @@ def test_head_metrics_and_the_heads_script(tiny_run):
 
     from conftest import ROOT
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from check_mdnrnn_heads import head_metrics
+    from utils.evaluation import head_metrics
 
     m = head_metrics(np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 2.0, 4.0, 6.0]),
                      np.array([0.9, 0.2, 0.7, 0.1]), np.array([1, 1, 0, 0]))
@@ -169,6 +168,29 @@ def test_head_metrics_and_the_heads_script(tiny_run):
     )
     assert proc.returncode == 0, proc.stderr
     assert "held-out episodes (40 steps)" in proc.stdout and "reward: Pearson r" in proc.stdout
+
+
+def test_memory_fit_repeats_stage_04s_held_out_nll(tiny_run):
+    """memory_fit (the iterative rounds' check of an M on new episodes) on stage 04's held-out split gives the
+    held-out NLL stage 04 logged for best.pt: the same windows, the same seeded z draws."""
+    import os
+
+    from utils.checkpoints import load_model
+    from utils.config import load_config
+    from utils.data import split_episodes
+    from utils.evaluation import head_metrics, head_predictions, memory_fit
+    from utils.io import list_episodes, load_episode
+
+    cfg = load_config(tiny_run["config"])
+    memory, ckpt = load_model(os.path.join(tiny_run["run_dir"], "mdnrnn", "best.pt"), "memory")
+    _, held = split_episodes(list_episodes(os.path.join(tiny_run["run_dir"], "latents"), "latents"),
+                             cfg.memory.holdout_fraction, cfg.seed)
+    fit = memory_fit(memory, held, cfg)
+    assert fit["nll"] == pytest.approx(ckpt["metrics"]["val_nll"], rel=1e-6) and fit["steps"] == 40
+    episode = load_episode(held[0], ("mu", "actions", "rewards", "terminated", "truncated"))
+    predicted = head_predictions(memory, episode)[0]
+    assert fit["reward_corr"] == pytest.approx(head_metrics(predicted, episode["rewards"], predicted * 0,
+                                                            episode["terminated"])["reward_corr"])
 
 
 def test_temperature_sweep_trains_and_scores_each_tau(tiny_run, tmp_path):

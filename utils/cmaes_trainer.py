@@ -52,7 +52,7 @@ from utils.seeding import env_seed
 
 HISTORY_FIELDS = [
     "generation", "best", "mean", "std", "worst", "heldout_mean", "heldout_std",
-    "sigma", "env_steps", "dream_steps", "early_stopped", "seconds", "worker_restarts",
+    "sigma", "env_steps", "dream_steps", "heldout_steps", "early_stopped", "seconds", "worker_restarts",
 ]
 
 
@@ -335,8 +335,10 @@ class ControllerTrainer:
                 out_of_time = budget_s > 0 and elapsed >= budget_s
                 if (g + 1) % cc.eval_every == 0 or g + 1 == cc.generations or out_of_time:
                     mean_params = search.mean.astype(np.float32)
-                    held = np.array([r["return"] for r in self._evaluate(pool, [mean_params], heldout_seeds(cfg), False, "held-out")])
-                    row.update(heldout_mean=float(held.mean()), heldout_std=float(held.std()))
+                    played = self._evaluate(pool, [mean_params], heldout_seeds(cfg), False, "held-out")
+                    held = np.array([r["return"] for r in played])
+                    row.update(heldout_mean=float(held.mean()), heldout_std=float(held.std()),
+                               heldout_steps=int(sum(r["steps"] for r in played)))  # real steps, for logging only
                     if state["best"] is None or held.mean() > state["best"]["heldout_mean"]:
                         state["best"] = {"params": mean_params, "generation": g + 1,
                                          "heldout_mean": float(held.mean()), "heldout_std": float(held.std())}

@@ -127,6 +127,8 @@ class MemoryConfig(MDNRNNConfig):
     reward_weight: float = param(1.0, "weight of the reward MSE in the loss", minimum=0)
     done_weight: float = param(1.0, "weight of the done BCE in the loss", minimum=0)
     holdout_fraction: float = param(0.1, "fraction of episodes held out", minimum=0, below=1)
+    init_from: str = param("", "an M checkpoint (best.pt) of the same kind and sizes whose weights start training "
+                           "instead of a random init (fine-tuning, e.g. iterative training); latest.pt resumes first")
     threads: int = param(2, "torch threads of stage 04", minimum=1)
     device: str = param("cpu", "where stage 04 trains M: cpu | cuda | auto (cuda when available)",
                         choices=DEVICES)
@@ -192,6 +194,22 @@ class EvaluateConfig:
                             minimum=0)
 
 
+@dataclass
+class IterativeConfig:
+    """Iterative training (Ha & Schmidhuber section 5; utils/iterative.py): rounds of real episodes with the
+    current agent, M refitted on all data so far, C trained in M only."""
+
+    rounds: int = param(3, "rounds; round 0 records rollouts.episodes episodes with rollouts.policy", minimum=1)
+    episodes: int = param(30, "real episodes each later round records with the previous round's agent plus "
+                          "rollouts.action_noise", minimum=1)
+    refit_vision: bool = param(False, "retrain V from scratch on all frames each round (false: round 0's V is kept)")
+    memory_init: str = param("previous", "M in later rounds: previous (fine-tune the previous round's M for "
+                             "memory_epochs) | scratch (train anew for memory.epochs)", choices=("previous", "scratch"))
+    memory_epochs: int = param(5, "memory_init previous: epochs of fine-tuning per later round", minimum=1)
+    eval_episodes: int = param(20, "held-out real episodes of each round's stage 06 (the last round plays "
+                               "evaluate.episodes)", minimum=1)
+
+
 BACKENDS = ("local", "ray")
 
 
@@ -221,6 +239,7 @@ class Config:
     controller: ControllerConfig = param(ControllerConfig(), "C, stage 05")
     evaluate: EvaluateConfig = param(EvaluateConfig(), "stage 06")
     backend: BackendConfig = param(BackendConfig(), "where stages 01, 05 and 06 play the real env")
+    iterative: IterativeConfig = param(IterativeConfig(), "python -m utils.iterative: rounds of 01-06")
 
 
 # Keys that were renamed: a config that still uses the old name gets told the new one.

@@ -15,22 +15,73 @@ import torch
 
 from models.agent import Agent
 from models.controller import LinearController
-from models.dream import dream_frames, dream_score
+from models.dream import DONE_THRESHOLD, dream_frames, dream_score
 from models.likelihood import frames_to_tensor, to_uint8
 from utils.checkpoints import load_model, load_world_model, read_checkpoint
 from utils.cli import stage_dir
-from utils.data import check_latents, sample_frames, start_latents
+from utils.data import LATENT_KEYS, LatentWindows, check_latents, sample_frames, start_latents
 from utils.envs import check_env, goal_marker_mask, info_input_dims, is_panda, make_env
 from utils.episodes import AgentPolicy, agent_task, expected_episode_s, init_agent_worker, run_episode
 from utils.errors import UserError
 from utils.fid import fid_unavailable, vision_fid
-from utils.io import list_episodes, save_json
+from utils.io import list_episodes, load_episode, save_json
 from utils.media import save_episode_gif, save_reconstruction_grid, save_side_by_side_gif
 from utils.parallel import make_pool
 from utils.report import budget_summary, plot_training_curves, write_run_report
 from utils.seeding import env_seed
 
 GOAL_MARKER_FRAMES = 512  # held-out frames for the PandaReach goal-marker check
+
+
+@torch.no_grad()
+def head_predictions(memory, episode: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted reward float (T,) and done probability float (T,) for one latent episode, by filtering
+    through M's interface (any memory kind): the heads of step t read the state after a_t and z_{t+1} (after
+    the last action, which has no next frame, M imagines z_{t+1})."""
+    z = torch.from_numpy(episode["mu"])
+    a = torch.from_numpy(episode["actions"].astype(np.float32))
+    state = memory.observe(memory.initial_state(1), z[:1])
+    rewards, dones = [], []
+    for t in range(len(a)):
+        state = memory.transition(state, a[t : t + 1])
+        state = memory.observe(state, z[t + 1 : t + 2]) if t + 1 < len(z) else memory.imagine(state)
+        reward, done_logit = memory.heads(state)
+        rewards.append(float(reward[0]))
+        dones.append(float(torch.sigmoid(done_logit[0])))
+    return np.array(rewards, np.float32), np.array(dones, np.float32)
+
+
+def head_metrics(pred_reward, real_reward, done_prob, real_done) -> dict:
+    """Correlation, MSE, and done precision / recall (None where undefined) over concatenated steps."""
+    predicted = done_prob > DONE_THRESHOLD
+    real_done = real_done.astype(bool)
+    tp = int((predicted & real_done).sum())
+    return {
+        "steps": len(real_reward),
+        "reward_corr": float(np.corrcoef(pred_reward, real_reward)[0, 1]),
+        "reward_mse": float(np.mean((pred_reward - real_reward) ** 2)),
+        "done_real": int(real_done.sum()),
+        "done_predicted": int(predicted.sum()),
+        "done_precision": tp / predicted.sum() if predicted.any() else None,
+        "done_recall": tp / real_done.sum() if real_done.any() else None,
+    }
+
+
+def memory_fit(memory, files: list[str], cfg) -> dict:
+    """How well M predicts the latent episodes `files`: `nll` of z_{t+1} (nats per latent dim per step, as stage
+    04 logs it), `reward_corr` (Pearson r of the reward head against the real rewards; None when either is
+    constant) and `steps`."""
+    from utils.training import memory_terms
+
+    nll = memory_terms(memory, LatentWindows(files, cfg.memory.seq_len), cfg)["nll"]
+    predicted, real = [], []
+    for path in files:
+        episode = load_episode(path, LATENT_KEYS)
+        predicted.append(head_predictions(memory, episode)[0])
+        real.append(episode["rewards"])
+    predicted, real = np.concatenate(predicted), np.concatenate(real)
+    corr = float(np.corrcoef(predicted, real)[0, 1]) if predicted.std() > 0 and real.std() > 0 else None
+    return {"nll": float(nll), "reward_corr": corr, "steps": int(len(real))}
 
 
 def load_evaluated_agent(cfg, vision_path: str, mdnrnn_path: str, controller_path: str):

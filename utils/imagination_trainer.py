@@ -30,7 +30,7 @@ from utils.io import atomic_path, file_sha256, save_csv
 from utils.parallel import make_pool
 
 HISTORY_FIELDS = ["update", "imagined_return", "actor_loss", "critic_loss", "entropy", "return_scale",
-                  "skipped_updates", "dream_steps", "heldout_mean", "heldout_std", "seconds", "worker_restarts"]
+                  "skipped_updates", "dream_steps", "heldout_steps", "heldout_mean", "heldout_std", "seconds", "worker_restarts"]
 
 
 def write_history(path: str, history: list[dict]) -> None:
@@ -162,12 +162,14 @@ class ImaginationTrainer:
                                     "non-finite losses; nothing of them was saved (lower the learning rates)")
                 params = self.ac.get_params()
                 tasks = [{"params": params, "seed": s, "max_steps": 0, "early_stop_steps": 0} for s in heldout_seeds(cfg)]
-                held = np.array([r["return"] for r in pool.map(tasks, progress="held-out")])
+                played = pool.map(tasks, progress="held-out")
+                held = np.array([r["return"] for r in played])
                 state["update"] += block
                 row = {"update": state["update"], **{k: sums[k] / n for k in ("imagined_return", "actor_loss",
                                                                              "critic_loss", "entropy")},
                        "return_scale": float(self.ac.return_scale), "skipped_updates": int(sums["skipped"]),
                        "dream_steps": block * cc.batch_windows * (cfg.memory.seq_len + 1) * self.ac.config.horizon,
+                       "heldout_steps": int(sum(r["steps"] for r in played)),  # the only real steps of 05
                        "heldout_mean": float(held.mean()), "heldout_std": float(held.std()),
                        "seconds": round(time.perf_counter() - start, 2), "worker_restarts": pool.restarts}
                 if state["best"] is None or row["heldout_mean"] > state["best"]["heldout_mean"]:

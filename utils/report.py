@@ -129,11 +129,12 @@ def write_run_report(path: str, cfg, scores: dict, budget: dict, media: dict, fi
     lines += ["", "## Budget", "", "| stage | wall time (s) | CPU time (s) | size |", "| --- | --- | --- | --- |"]
     # What actually ran, from the manifests (a wall-time limit can stop 05 before controller.generations).
     sizes = {
-        "rollouts": lambda b: f"{b.get('episodes_on_disk')} random-policy episodes ({r.policy})",
+        "rollouts": lambda b: f"{b.get('episodes_on_disk')} episodes ({r.policy} policy)",
         "vision": lambda b: f"{b.get('epochs')} epochs (best: {b.get('best_epoch')})",
         "latents": lambda b: f"{b.get('episodes')} episodes",
         "mdnrnn": lambda b: f"{b.get('epochs')} epochs (best: {b.get('best_epoch')})",
-        "controller": lambda b: (f"{b.get('updates')} actor-critic updates, {b.get('dream_steps')} imagined steps"
+        "controller": lambda b: (f"{b.get('updates')} actor-critic updates, {b.get('dream_steps')} imagined steps, "
+                                 f"{b.get('heldout_steps', '?')} held-out env steps"
                                  if b.get("kind") == "actor_critic" else
                                  f"{b.get('generations')} generations x {c.popsize} candidates x "
                                  f"{c.rollouts_per_candidate} rollouts, {b.get('env_steps')} env steps"

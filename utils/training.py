@@ -70,6 +70,21 @@ def build_model(family: str, kind: str, config, **sizes):
         raise UserError(f"{family} kind {kind}: {exc}") from None
 
 
+def check_init_from(path: str, model: torch.nn.Module) -> dict:
+    """The checkpoint at `path` (memory.init_from) when it holds weights for `model`: same kind, config and sizes.
+
+    Raises:
+        UserError: unreadable, or saved for another kind, config or sizes.
+    """
+    ckpt = read_checkpoint(path)
+    saved = (ckpt.get("kind"), ckpt.get("config"), ckpt.get("sizes"))
+    wanted = (model.kind, dataclasses.asdict(model.config), model.sizes())
+    if saved != wanted:
+        raise UserError(f"memory.init_from: {path} holds {saved[0]} {saved[1]} {saved[2]}, this run builds "
+                        f"{wanted[0]} {wanted[1]} {wanted[2]}")
+    return ckpt
+
+
 def _resume(latest: str, model: torch.nn.Module, optimizer) -> tuple[int, list[dict], float]:
     """Restore model and optimizer from `latest`; return (next epoch, history, best held-out loss).
 
@@ -232,6 +247,23 @@ def _latent_batch_loss(model, data: LatentWindows, pairs, cfg: Config, gen: torc
                       mc.done_weight)
 
 
+@torch.no_grad()
+def memory_terms(model, data: LatentWindows, cfg: Config) -> dict[str, float]:
+    """M's loss terms (floats; `nll` in nats per latent dim per step) averaged over every window of `data`,
+    with z drawn from the stored posteriors by a generator seeded with the run seed: stage 04's held-out
+    evaluation, and any later check of an M on other episodes."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    pairs = data.windows(None)
+    sums, n = {}, 0
+    for b in range(0, len(pairs), cfg.memory.batch_size):
+        chunk = pairs[b : b + cfg.memory.batch_size]
+        _accumulate(sums, _latent_batch_loss(model, data, chunk, cfg, gen), len(chunk))
+        n += len(chunk)
+    return {k: v / max(1, n) for k, v in sums.items()}
+
+
 def memory_update(model, optimizer, data: LatentWindows, pairs, cfg: Config, gen: torch.Generator) -> dict | None:
     """One training step of M (stage 04) on the windows `pairs` of `data`: the loss terms (scalar tensors),
     or None when the update was skipped for a non-finite loss or gradient."""
@@ -249,6 +281,8 @@ def train_memory(cfg: Config, train_files: list[str], val_files: list[str], z_di
     model.to(resolve_device(mc.device, "memory.device"))  # before the optimizer: a resumed Adam state follows
     optimizer = make_adam(model, mc.lr)
     start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model, optimizer)
+    if not start_epoch and mc.init_from:  # fine-tuning: the weights only, with a fresh optimizer
+        model.load_state_dict(check_init_from(mc.init_from, model)["state_dict"])
     train_data, val_data = LatentWindows(train_files, mc.seq_len), LatentWindows(val_files, mc.seq_len)
 
     def run_epoch(epoch: int) -> dict:
@@ -270,18 +304,8 @@ def train_memory(cfg: Config, train_files: list[str], val_files: list[str], z_di
         row["skipped_updates"] = skipped
         return row
 
-    @torch.no_grad()
     def evaluate() -> dict:
-        model.eval()
-        gen = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        pairs = val_data.windows(None)
-        sums, n = {}, 0
-        for b in range(0, len(pairs), mc.batch_size):
-            chunk = pairs[b : b + mc.batch_size]
-            _accumulate(sums, _latent_batch_loss(model, val_data, chunk, cfg, gen), len(chunk))
-            n += len(chunk)
-        return {k: v / max(1, n) for k, v in sums.items()}
+        return memory_terms(model, val_data, cfg)
 
     def save(path: str, epoch: int, hist: list[dict]) -> None:
         save_model(path, model, run_config=config_to_dict(cfg), optimizer=optimizer.state_dict(), epoch=epoch,

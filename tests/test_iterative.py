@@ -1,0 +1,115 @@
+"""Iterative training as one command (utils/iterative.py): two rounds end to end on a tiny budget, killed in the
+middle of round 1 and resumed by the same command; the per-round table; the config errors."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, assert_user_error, write_config
+from utils.io import load_episode
+
+ITERATIVE = {"rounds": 2, "episodes": 2, "memory_epochs": 1, "eval_episodes": 2}
+DREAM_C = {"env": "dream", "popsize": 4, "rollouts_per_candidate": 1, "generations": 2, "max_steps": 30,
+           "eval_every": 2, "eval_episodes": 1, "workers": 2, "threads": 1}
+
+
+def iterate(config: str, *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "utils.iterative", "--config", config, *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_two_rounds_killed_in_round_1_resume_and_report(tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, run_dir, controller=DREAM_C, iterative=ITERATIVE,
+                          evaluate={"episodes": 3, "max_steps": 30, "workers": 2, "fid_frames": 0})
+    first_new = run_dir / "round_01" / "rollouts" / "episode_00003.npz"  # round 0 records episodes 0-2
+    proc = iterate(config, start_new_session=True)
+    deadline = time.monotonic() + 420
+    while not first_new.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first_new.exists(), proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, the running stage and its workers: nothing cleans up
+    proc.wait()
+    assert not (run_dir / "round_01" / "eval" / "manifest.json").exists()
+    recorded = os.stat(first_new).st_mtime_ns
+
+    resumed = iterate(config)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "round 0/1: 01_generate_rollouts" not in out  # round 0 was finished: nothing of it runs again
+    assert os.stat(first_new).st_mtime_ns == recorded  # the episode recorded before the kill was kept
+
+    r0, r1 = run_dir / "round_00", run_dir / "round_01"
+    episodes = sorted(n for n in os.listdir(r1 / "rollouts") if n.startswith("episode_"))
+    assert episodes == [f"episode_{i:05d}.npz" for i in range(5)]
+    assert os.path.samefile(r0 / "rollouts" / "episode_00000.npz", r1 / "rollouts" / "episode_00000.npz")
+    assert os.path.samefile(r0 / "vision" / "best.pt", r1 / "vision" / "best.pt")  # V is kept (refit_vision false)
+    with np.load(r1 / "rollouts" / "episode_00004.npz") as ep:
+        assert ep["obs"].shape[1:] == (64, 64, 3) and len(ep["actions"]) <= 40
+    rollouts = json.load(open(r1 / "rollouts" / "manifest.json"))
+    assert rollouts["config"]["rollouts"]["policy"] == "controller"
+    assert rollouts["config"]["rollouts"]["controller"].endswith(os.path.join("round_00", "controller", "controller.pt"))
+    memory = json.load(open(r1 / "mdnrnn" / "manifest.json"))
+    assert memory["config"]["memory"]["init_from"].endswith(os.path.join("round_00", "mdnrnn", "best.pt"))
+    assert memory["metrics"]["epochs"] == 1 and memory["inputs"]["train_episodes"] + memory["inputs"]["held_out_episodes"] == 5
+
+    rows = list(csv.DictReader(open(run_dir / "rounds.csv")))
+    assert [r["round"] for r in rows] == ["0", "1"]
+    assert [int(r["new_episodes"]) for r in rows] == [3, 2] and [int(r["episodes"]) for r in rows] == [3, 5]
+    for k, r in enumerate(rows):
+        new = range(3) if k == 0 else range(3, 5)
+        steps = sum(len(load_episode(str(r1 / "rollouts" / f"episode_{i:05d}.npz"), ("rewards",))["rewards"]) for i in new)
+        assert int(r["data_steps"]) == steps
+        scores = json.load(open(run_dir / f"round_{k:02d}" / "eval" / "scores.json"))
+        assert float(r["real_mean"]) == pytest.approx(scores["mean"]) and int(r["real_episodes"]) == scores["episodes"]
+        assert int(r["dream_steps"]) > 0 and int(r["eval_steps"]) > sum(scores["steps"])  # + 05's held-out play
+    assert rows[0]["prev_m_new_nll"] == "" and np.isfinite(float(rows[1]["prev_m_new_nll"]))  # round 0's M, new data
+    assert [int(r["real_episodes"]) for r in rows] == [2, 3]  # iterative.eval_episodes, then evaluate.episodes
+    assert int(rows[1]["real_steps_total"]) == sum(int(r["data_steps"]) + int(r["eval_steps"]) for r in rows)
+    table = open(run_dir / "rounds.md").read()
+    assert table.count("\n| 0 |") == 1 and table.count("\n| 1 |") == 1
+    assert os.path.getsize(run_dir / "rounds.png") > 0
+
+    again = iterate(config)  # all done: nothing runs, the table is rewritten alike
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0 and "->" not in out, err
+    assert list(csv.DictReader(open(run_dir / "rounds.csv"))) == rows
+
+
+def test_iterative_config_errors(tmp_path):
+    config = write_config(tmp_path, tmp_path / "run", iterative=ITERATIVE)  # TINY trains C in the real env
+    proc = iterate(config)
+    _, err = proc.communicate(timeout=120)
+    assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), "controller.env", "dream")
+    assert not (tmp_path / "run").exists()
+    config = write_config(tmp_path, tmp_path / "run", controller=DREAM_C,
+                          iterative={**ITERATIVE, "refit_vision": True})
+    proc = iterate(config)
+    _, err = proc.communicate(timeout=120)
+    assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), "iterative.memory_init",
+                      "scratch")
+    # a resumed run with another config is refused, naming the key
+    config = write_config(tmp_path, tmp_path / "run", controller=DREAM_C, iterative=ITERATIVE)
+    os.makedirs(tmp_path / "run")
+    from utils.config import dump_config, load_config
+
+    (tmp_path / "run" / "iterative_config.yaml").write_text(dump_config(load_config(config, ["controller.popsize=8"])))
+    proc = iterate(config)
+    _, err = proc.communicate(timeout=120)
+    assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), "controller.popsize")
+    assert sorted(os.listdir(tmp_path / "run")) == ["iterative_config.yaml"]
+
+
+def test_bad_baseline_is_refused_before_any_work(tmp_path):
+    config = write_config(tmp_path, tmp_path / "run", controller=DREAM_C, iterative=ITERATIVE)
+    proc = iterate(config, "--baseline", str(tmp_path / "nothing"))
+    _, err = proc.communicate(timeout=120)
+    assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), "--baseline", "history.csv")
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,318 @@
+"""Iterative training (Ha & Schmidhuber 2018, section 5) as one resumable command.
+
+    python -m utils.iterative --config configs/carracing_iterative_vae.yaml [--set iterative.rounds=4]
+    make iterate CONFIG=configs/carracing_iterative_vae.yaml
+
+Round k runs the six stages in <run_dir>/round_KK/, each as its own process, exactly as a user would
+(`python 0N_*.py --config <run_dir>/iterative_config.yaml --set run_dir=<run_dir>/round_KK ...`):
+
+- round 0 records `rollouts.episodes` episodes with `rollouts.policy` (the random policy), trains V and M,
+  trains C in M (controller.env: dream, or controller.kind: actor_critic) and plays it on held-out tracks;
+- round k >= 1 starts from hard links of round k-1's episodes (and, unless iterative.refit_vision, of its V
+  and latents), records `iterative.episodes` new episodes with round k-1's agent plus N(0,
+  rollouts.action_noise^2) action noise, encodes them, fine-tunes round k-1's M on all episodes so far
+  (iterative.memory_init: previous; or trains M anew), trains a new C in the new M only, and evaluates it.
+
+Only stages 01 and 06 (and the held-out re-evaluations of 05, for logging) play the real env. A stage is
+done when its folder holds manifest.json; killed anywhere, the same command skips what is done and each
+stage resumes itself. The first run writes the resolved config to <run_dir>/iterative_config.yaml; a later
+run with another config is refused, naming the keys that differ.
+
+After each round the driver writes <run_dir>/round_KK/round.json and <run_dir>/rounds.csv and rounds.md (one
+row per finished round: real-env steps for data and for evaluation apart, dream steps, M's held-out NLL, the
+previous round's M on this round's new episodes (NLL and reward correlation: how well the dream that trained
+the acting C predicted what it then met), real and dream scores, wall and CPU time) and rounds.png (real score against the real-env steps consumed so far; with
+`--baseline RUN_DIR`, a real-env CMA-ES run's held-out curve on the same axes).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import yaml
+
+from utils.cli import run_stage, stage_parser
+from utils.config import Config, config_to_dict, dump_config, load_config
+from utils.errors import UserError
+from utils.checkpoints import load_model
+from utils.evaluation import memory_fit
+from utils.io import load_episode, save_json, save_csv, save_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = (("rollouts", "01_generate_rollouts"), ("vision", "02_train_nvae"), ("latents", "03_encode_latents"),
+         ("mdnrnn", "04_train_mdnrnn"), ("controller", "05_train_controller"), ("eval", "06_evaluate"))
+ROUND_FIELDS = ["round", "episodes", "new_episodes", "data_steps", "eval_steps", "real_steps_total", "dream_steps",
+                "m_heldout_nll", "prev_m_new_nll", "prev_m_new_reward_corr", "real_mean", "real_std", "real_episodes", "dream_mean", "dream_std", "wall_s", "cpu_s"]
+
+
+def round_dir(cfg: Config, k: int) -> str:
+    """<run_dir>/round_KK."""
+    return os.path.join(cfg.run_dir, f"round_{k:02d}")
+
+
+def episodes_after(cfg: Config, k: int) -> int:
+    """Episodes on disk once round k has recorded its own: round 0's plus iterative.episodes per later round."""
+    return cfg.rollouts.episodes + k * cfg.iterative.episodes
+
+
+def round_overrides(cfg: Config, k: int) -> list[str]:
+    """The --set overrides of round k's stages (on top of the run's resolved config)."""
+    it, here = cfg.iterative, round_dir(cfg, k)
+    sets = [f"run_dir={here}"]
+    if k < it.rounds - 1:
+        sets.append(f"evaluate.episodes={it.eval_episodes}")
+    if k == 0:
+        return sets
+    prev = round_dir(cfg, k - 1)
+    sets += [f"rollouts.episodes={episodes_after(cfg, k)}", "rollouts.policy=controller",
+             f"rollouts.controller={os.path.join(prev, 'controller', 'controller.pt')}"]
+    if it.memory_init == "previous":
+        sets += [f"memory.init_from={os.path.join(prev, 'mdnrnn', 'best.pt')}", f"memory.epochs={it.memory_epochs}"]
+    return sets
+
+
+def link_files(src: str, dst: str, pattern: str) -> int:
+    """Hard-link (copy across file systems) the files of `src` matching `pattern` into `dst` where missing;
+    returns how many were added. Stages replace files by renaming, so a link never changes under a reader."""
+    os.makedirs(dst, exist_ok=True)
+    added = 0
+    for path in sorted(glob.glob(os.path.join(src, pattern))):
+        target = os.path.join(dst, os.path.basename(path))
+        if os.path.basename(path) == ".lock" or os.path.exists(target):
+            continue
+        try:
+            os.link(path, target)
+        except OSError:
+            import shutil
+
+            shutil.copy2(path, target)
+        added += 1
+    return added
+
+
+def prepare_round(cfg: Config, k: int) -> None:
+    """Round k >= 1 starts from round k-1's episodes, and from its V and latents unless V is refitted."""
+    prev, here = round_dir(cfg, k - 1), round_dir(cfg, k)
+    link_files(os.path.join(prev, "rollouts"), os.path.join(here, "rollouts"), "episode_*.npz")
+    if not cfg.iterative.refit_vision:
+        link_files(os.path.join(prev, "vision"), os.path.join(here, "vision"), "*")
+        link_files(os.path.join(prev, "latents"), os.path.join(here, "latents"), "episode_*.npz")
+
+
+def check_iterative_config(cfg: Config) -> None:
+    """The procedure trains C in M only.
+
+    Raises:
+        UserError: controller.env real with the linear C; a refitted V with a fine-tuned M.
+    """
+    if cfg.controller.kind == "linear" and cfg.controller.env != "dream":
+        raise UserError("controller.env: iterative training trains C inside M only; set controller.env=dream "
+                        "(or controller.kind=actor_critic)")
+    if cfg.iterative.refit_vision and cfg.iterative.memory_init == "previous":
+        raise UserError("iterative.memory_init: previous fine-tunes M on the z of the same V; with "
+                        "iterative.refit_vision true every round has a new V, so set iterative.memory_init=scratch")
+
+
+def pin_config(cfg: Config) -> str:
+    """Write the resolved config to <run_dir>/iterative_config.yaml on the first run; on a later run, refuse a
+    config that differs in anything but iterative.rounds (more rounds extend a run). Returns the file's path.
+
+    Raises:
+        UserError: a resumed run whose config differs (the differing keys named).
+    """
+    path = os.path.join(cfg.run_dir, "iterative_config.yaml")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = yaml.safe_load(f)
+        diff = sorted(set(_differing_keys(saved, config_to_dict(cfg))) - {"iterative.rounds"})
+        if diff:
+            raise UserError(f"{path}: this run was started with another config (differs in {', '.join(diff[:6])}); "
+                            "use the same config to resume, or another run_dir")
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    save_text(path, dump_config(cfg))
+    return path
+
+
+def _differing_keys(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in set(a) | set(b):
+            out += _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def run_step(script: str, config_path: str, sets: list[str]) -> None:
+    """Run one stage as its own process, its output going to ours.
+
+    Raises:
+        UserError: the stage failed (its own error line is above); rerunning the command resumes it.
+    """
+    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--config", config_path, "--set", *sets]
+    code = subprocess.call(cmd)
+    if code:
+        raise UserError(f"{script} exited with status {code} (its message is above); rerun the same command to "
+                        "resume from there")
+
+
+def _manifest(folder: str) -> dict | None:
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def round_row(cfg: Config, k: int, real_steps_before: int) -> dict:
+    """The row of rounds.csv for finished round k (see ROUND_FIELDS)."""
+    here = round_dir(cfg, k)
+    first = 0 if k == 0 else episodes_after(cfg, k - 1)
+    new = [os.path.join(here, "rollouts", f"episode_{i:05d}.npz") for i in range(first, episodes_after(cfg, k))]
+    data_steps = sum(len(load_episode(p, ("rewards",))["rewards"]) for p in new)
+    manifests = {name: _manifest(os.path.join(here, name)) for name, _ in STEPS}
+    own = {n: m for n, m in manifests.items() if m and os.path.normpath(m["config"]["run_dir"]) == os.path.normpath(here)}
+    with open(os.path.join(here, "eval", "scores.json")) as f:
+        scores = json.load(f)
+    controller = manifests["controller"]["metrics"]
+    eval_steps = int(controller.get("heldout_steps") or 0) + int(sum(scores["steps"]))
+    dream = scores.get("dream") or {}
+    fit = {"nll": None, "reward_corr": None}
+    if k:  # the M whose dream trained the acting C, on what that C then met: episodes it never saw
+        prev_memory, _ = load_model(os.path.join(round_dir(cfg, k - 1), "mdnrnn", "best.pt"), "memory")
+        fit = memory_fit(prev_memory, [os.path.join(here, "latents", os.path.basename(p)) for p in new], cfg)
+    return {"round": k, "episodes": episodes_after(cfg, k), "new_episodes": len(new), "data_steps": data_steps,
+            "eval_steps": eval_steps, "real_steps_total": real_steps_before + data_steps + eval_steps,
+            "dream_steps": int(controller.get("dream_steps") or 0),
+            "m_heldout_nll": manifests["mdnrnn"]["metrics"].get("val_nll"),
+            "prev_m_new_nll": fit["nll"], "prev_m_new_reward_corr": fit["reward_corr"],
+            "real_mean": scores["mean"], "real_std": scores["std"], "real_episodes": scores["episodes"],
+            "dream_mean": dream.get("mean"), "dream_std": dream.get("std"),
+            "wall_s": round(sum(m["wall_s"] for m in own.values()), 1),
+            "cpu_s": round(sum(m.get("cpu_s") or 0.0 for m in own.values()), 1)}
+
+
+def write_rounds(cfg: Config, rows: list[dict], baseline: str | None = None) -> None:
+    """rounds.csv, rounds.md and rounds.png under run_dir."""
+    save_csv(os.path.join(cfg.run_dir, "rounds.csv"), rows, ROUND_FIELDS)
+    lines = [f"# Iterative training: {cfg.env.id}, V {cfg.vision.kind}, M {cfg.memory.kind}, C {cfg.controller.kind}",
+             "", "Real-env steps: data = the episodes recorded for V and M; evaluation = 05's held-out "
+             "re-evaluations (logging only) + 06's held-out episodes. Time: the stages run in this round.", "",
+             "M's NLL is of z_{t+1} in nats per latent dim: this round's M on its held-out episodes (stage 04's "
+             "split of all episodes so far), and the previous round's M, whose dream trained the C that recorded "
+             "this round's episodes, on those new episodes.", "",
+             "| round | episodes (new) | real steps: data | real steps: evaluation | real steps so far | "
+             "dream steps | M held-out NLL | previous M on the new episodes: NLL, reward r | real score | "
+             "dream score | wall (min) | CPU (min) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        dream = "-" if r["dream_mean"] is None else f"{r['dream_mean']:.1f} +- {r['dream_std']:.1f}"
+        nll = "-" if r["m_heldout_nll"] is None else f"{r['m_heldout_nll']:.3f}"
+        prev = "-" if r["prev_m_new_nll"] is None else f"{r['prev_m_new_nll']:.3f}, " + (
+            "-" if r["prev_m_new_reward_corr"] is None else f"{r['prev_m_new_reward_corr']:.3f}")
+        lines.append(f"| {r['round']} | {r['episodes']} ({r['new_episodes']}) | {r['data_steps']:,} | "
+                     f"{r['eval_steps']:,} | {r['real_steps_total']:,} | {r['dream_steps']:,} | {nll} | {prev} | "
+                     f"{r['real_mean']:.1f} +- {r['real_std']:.1f} ({r['real_episodes']}) | {dream} | "
+                     f"{r['wall_s'] / 60:.1f} | {r['cpu_s'] / 60:.1f} |")
+    save_text(os.path.join(cfg.run_dir, "rounds.md"), "\n".join(lines) + "\n")
+    plot_rounds(rows, os.path.join(cfg.run_dir, "rounds.png"), baseline)
+
+
+def baseline_curve(run_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A real-env CMA-ES run's held-out re-evaluations against its real-env steps so far (its rollouts, then
+    every generation's episodes and re-evaluations; runs older than the heldout_steps column lack the latter):
+    (steps, mean, std).
+
+    Raises:
+        UserError: the run has no controller/history.csv or rollouts manifest.
+    """
+    import csv
+
+    history = os.path.join(run_dir, "controller", "history.csv")
+    rollouts = _manifest(os.path.join(run_dir, "rollouts"))
+    if not os.path.exists(history) or rollouts is None:
+        raise UserError(f"--baseline {run_dir}: expected a finished run with controller/history.csv and "
+                        "rollouts/manifest.json")
+    rows = list(csv.DictReader(open(history)))
+    steps = rollouts["metrics"].get("steps_recorded") or 0
+    xs, means, stds = [], [], []
+    for r in rows:
+        steps += int(float(r["env_steps"] or 0)) + int(float(r.get("heldout_steps") or 0))
+        if r["heldout_mean"]:
+            xs.append(steps)
+            means.append(float(r["heldout_mean"]))
+            stds.append(float(r["heldout_std"]))
+    return np.array(xs), np.array(means), np.array(stds)
+
+
+def plot_rounds(rows: list[dict], path: str, baseline: str | None = None) -> None:
+    """rounds.png: each round's real score (mean +- std) against the real-env steps consumed so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.errorbar([r["real_steps_total"] for r in rows], [r["real_mean"] for r in rows],
+                yerr=[r["real_std"] for r in rows], fmt="o-", capsize=3, label="iterative: C trained in M only")
+    for r in rows:
+        ax.annotate(f"round {r['round']}", (r["real_steps_total"], r["real_mean"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    if baseline:
+        xs, means, stds = baseline_curve(baseline)
+        ax.errorbar(xs, means, yerr=stds, fmt="s--", capsize=2, alpha=0.7, label="CMA-ES in the real env (held-out)")
+    ax.set_xlabel("real-env steps consumed (data + evaluation)")
+    ax.set_ylabel("held-out real return")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--baseline", metavar="RUN_DIR", help="a real-env CMA-ES run to draw beside the rounds")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    check_iterative_config(cfg)
+    if args.baseline:
+        baseline_curve(args.baseline)  # a bad baseline stops us before any work
+    config_path = pin_config(cfg)
+    rows, real_steps = [], 0
+    for k in range(cfg.iterative.rounds):
+        here = round_dir(cfg, k)
+        if k:
+            prepare_round(cfg, k)
+        sets = round_overrides(cfg, k)
+        for name, script in STEPS:
+            if _manifest(os.path.join(here, name)) is not None:
+                continue
+            print(f"[iterate] round {k}/{cfg.iterative.rounds - 1}: {script} -> {os.path.join(here, name)}", flush=True)
+            start = time.perf_counter()
+            run_step(script, config_path, sets)
+            print(f"[iterate] round {k}: {script} done in {time.perf_counter() - start:.0f} s", flush=True)
+        cached = os.path.join(here, "round.json")  # a finished round's row: computed once
+        if os.path.exists(cached):
+            with open(cached) as f:
+                row = json.load(f)
+        else:
+            row = round_row(cfg, k, real_steps)
+            save_json(cached, row)
+        real_steps = row["real_steps_total"]
+        rows.append(row)
+        write_rounds(cfg, rows, args.baseline)
+        print(f"[iterate] round {k}: real {row['real_mean']:.1f} +- {row['real_std']:.1f} ({row['real_episodes']} "
+              f"held-out episodes), {real_steps:,} real-env steps so far; {os.path.join(cfg.run_dir, 'rounds.md')}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)
