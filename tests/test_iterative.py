@@ -77,6 +77,19 @@ def test_two_rounds_killed_in_round_1_resume_and_report(tmp_path):
     assert table.count("\n| 0 |") == 1 and table.count("\n| 1 |") == 1
     assert os.path.getsize(run_dir / "rounds.png") > 0
 
+    # 06 --compare lists each round as a dream-trained run (the thesis's Table 2) and the rounds table
+    out = tmp_path / "compare.md"
+    proc = subprocess.run([sys.executable, "06_evaluate.py", "--compare", str(run_dir), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    table2 = text.split("## Table 2")[1].split("##")[0]
+    for k in (0, 1):
+        scores = json.load(open(run_dir / f"round_{k:02d}" / "eval" / "scores.json"))
+        row = next(line for line in table2.splitlines() if f"round_{k:02d}`" in line)
+        assert f"{scores['mean']:.1f} +- {scores['std']:.1f}" in row
+    assert "## Iterative training" in text and text.count("\n| 1 | 5 (2) |") == 1
+
     again = iterate(config)  # all done: nothing runs, the table is rewritten alike
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0 and "->" not in out, err

@@ -25,7 +25,7 @@ from utils.episodes import AgentPolicy, agent_task, expected_episode_s, init_age
 from utils.errors import UserError
 from utils.fid import fid_unavailable, vision_fid
 from utils.io import list_episodes, load_episode, save_json
-from utils.media import save_episode_gif, save_reconstruction_grid, save_side_by_side_gif
+from utils.media import save_episode_gif, save_reconstruction_grid, save_side_by_side_gif, save_world_model_gif
 from utils.parallel import make_pool
 from utils.report import budget_summary, plot_training_curves, write_run_report
 from utils.seeding import env_seed
@@ -190,7 +190,8 @@ def dream_verdict(cfg, mdnrnn, controller: LinearController) -> dict | None:
 
 def write_media(cfg, out_dir: str, vision, mdnrnn, controller: LinearController, vision_path: str, seed: int,
                 scores: dict) -> tuple[dict, int]:
-    """episode.gif (replaying the episode of `seed` here), dream.gif for a dream-trained C, reconstructions.png,
+    """episode.gif (replaying the episode of `seed` here), world_model.gif (that episode, V's reconstruction and
+    M's dream from its first frame), dream.gif for a dream-trained C, reconstructions.png,
     training_curves.png and, on PandaReach, the goal-marker check (into `scores`). Returns ({caption: file},
     GIF frame count)."""
     ec = cfg.evaluate
@@ -201,8 +202,14 @@ def write_media(cfg, out_dir: str, vision, mdnrnn, controller: LinearController,
     frames = list(episode.arrays["obs"])
     n_gif = save_episode_gif(os.path.join(out_dir, "episode.gif"), vision, frames, ec.gif_every, ec.gif_max_frames)
     media = {f"episode {seed} (return {episode.ret:.1f}): frame | reconstruction": "episode.gif"}
-    if cfg.controller.env == "dream" or controller.kind == "actor_critic":  # C in M's dream beside C on the real track
-        dream = dream_frames(vision, mdnrnn, controller, frames[0], cfg.controller.temperature, len(frames), cfg.seed)
+    dream = None if controller.info_keys else dream_frames(  # a C reading env info (joint angles) has no dream
+        vision, mdnrnn, controller, frames[0], cfg.controller.temperature, len(frames), cfg.seed)
+    if dream is not None:
+        save_world_model_gif(os.path.join(out_dir, "world_model.gif"), vision, frames, dream, ec.gif_every,
+                             ec.gif_max_frames)
+        media[f"episode {seed}: real frame | V's reconstruction | M's dream from the first frame (tau "
+              f"{cfg.controller.temperature:g}), same C"] = "world_model.gif"
+    if dream is not None and (cfg.controller.env == "dream" or controller.kind == "actor_critic"):  # C in M's dream beside C on the real track
         save_side_by_side_gif(os.path.join(out_dir, "dream.gif"), frames, dream, ec.gif_every, ec.gif_max_frames)
         media[f"real episode {seed} | dream from its first frame (tau {cfg.controller.temperature:g}), same C"] = "dream.gif"
     held = held_out_frames(cfg, vision_path, ec.recon_frames)

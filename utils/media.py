@@ -41,6 +41,20 @@ def save_side_by_side_gif(path: str, left: list[np.ndarray], right: list[np.ndar
 
 
 @torch.inference_mode()
+def save_world_model_gif(path: str, vision, frames: list[np.ndarray], dream: list[np.ndarray], every: int,
+                         max_frames: int, scale: int = 2) -> int:
+    """GIF of [real frame | V's reconstruction | M's dream] for every `every`-th step: what the agent sees, what
+    V keeps of it, and what M imagines from the first frame on with the same C (the shorter sequence holds its
+    last frame). Returns the frame count."""
+    n = max(len(frames), len(dream))
+    pick = list(range(0, n, every))[:max_frames]
+    real = np.stack([frames[min(i, len(frames) - 1)] for i in pick])
+    recon = to_uint8(vision.reconstruct(frames_to_tensor(real)))
+    imagined = np.stack([dream[min(i, len(dream) - 1)] for i in pick])
+    return write_gif(path, list(np.concatenate([real, recon, imagined], axis=2)), 40 * every, scale)
+
+
+@torch.inference_mode()
 def save_reconstruction_grid(path: str, vision, frames: np.ndarray, scale: int = 2) -> None:
     """PNG: frames uint8 (N, S, S, 3) in the top row over decode(encode(frame)) in the bottom row."""
     recon = to_uint8(vision.reconstruct(frames_to_tensor(frames)))

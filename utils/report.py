@@ -248,6 +248,19 @@ def load_run(run_dir: str) -> dict:
             "random_policy": random}
 
 
+def round_runs(run_dir: str) -> list[dict]:
+    """The finished rounds of an iterative run (utils/iterative.py) as runs of `load_run`, each with the wall and
+    CPU hours of every round up to it ("totals": rounds.csv's per-round times summed)."""
+    rows = {int(r["round"]): r for r in csv.DictReader(open(os.path.join(run_dir, "rounds.csv")))}
+    out, wall, cpu = [], 0.0, 0.0
+    for k in sorted(rows):
+        wall += float(rows[k]["wall_s"]) / 3600
+        cpu += float(rows[k]["cpu_s"]) / 3600
+        run = load_run(os.path.join(run_dir, f"round_{k:02d}"))
+        out.append({**run, "totals": (wall, cpu)})
+    return out
+
+
 def _table(run: dict) -> str:
     cfg = run["config"]
     if "Panda" in cfg["env"]["id"]:
@@ -258,7 +271,7 @@ def _table(run: dict) -> str:
 def _budget_cells(run: dict) -> str:
     cfg, b = run["config"], run["budget"]
     c = cfg["controller"]
-    wall, cpu = budget_totals(b)
+    wall, cpu = run.get("totals") or budget_totals(b)
     gens = b.get("controller", {}).get("generations", b.get("controller", {}).get("updates", "-"))
     where = f", tau {c.get('temperature', 1.0):g}" if c["env"] == "dream" else ""
     return [str(b.get("rollouts", {}).get("episodes_on_disk", "-")), str(b.get("vision", {}).get("epochs", "-")),
@@ -313,7 +326,13 @@ def compare_report(run_dirs: list[str]) -> str:
     Raises:
         UserError: a run without stage 06's outputs.
     """
-    runs = [load_run(d) for d in run_dirs]
+    runs, iterative = [], []
+    for d in run_dirs:
+        if os.path.isfile(os.path.join(d, "rounds.csv")):  # an iterative run: one row per finished round
+            iterative.append(d)
+            runs += round_runs(d)
+        else:
+            runs.append(load_run(d))
     by_table = {name: [r for r in runs if _table(r) == name] for name in ("real", "dream", "panda")}
     lines = ["# World Models with a conv VAE or an NVAE as V: measured numbers beside the thesis's", ""]
     lines += [f"Runs: {', '.join(f'`{d}`' for d in run_dirs)}. Scores are mean +- std over the episodes stated, on "
@@ -324,6 +343,11 @@ def compare_report(run_dirs: list[str]) -> str:
             rows = [[_kind(r), f"`{r['run_dir']}`", *cells(r), THESIS[name][r["config"]["vision"]["kind"]],
                      *_budget_cells(r)] for r in by_table[name]]
             lines += [f"## {title}", "", *markdown_table(header, rows), ""]
+    for d in iterative:
+        table = [line for line in open(os.path.join(d, "rounds.md")).read().splitlines() if line.startswith("|")]
+        lines += [f"## Iterative training: `{d}`", "", "Rows of the tables above: each round's C; its wall and CPU "
+                  "hours are those of every round up to it.", "", *table, "", f"![real score against real-env steps]"
+                  f"({os.path.join(d, 'rounds.png')})", ""]
     with_fid = [r for r in runs if r["fid"] is not None]
     lines += ["## FID of V against held-out real frames", ""]
     if with_fid:
