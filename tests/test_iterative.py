@@ -4,6 +4,7 @@ middle of round 1 and resumed by the same command; the per-round table; the conf
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,10 +26,14 @@ def iterate(config: str, *args: str, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def test_two_rounds_killed_in_round_1_resume_and_report(tmp_path):
+def test_two_rounds_killed_in_round_1_resume_and_report(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     config = write_config(tmp_path, run_dir, controller=DREAM_C, iterative=ITERATIVE,
                           evaluate={"episodes": 3, "max_steps": 30, "workers": 2, "fid_frames": 0})
+    # Round 0's stages 01-04 are those of tiny_run (the same config but C's section, which they do not read):
+    # finished stage folders, which the command skips as it would its own. Its 05 and 06 run here.
+    for stage in ("rollouts", "vision", "latents", "mdnrnn"):
+        shutil.copytree(os.path.join(tiny_run["run_dir"], stage), run_dir / "round_00" / stage)
     first_new = run_dir / "round_01" / "rollouts" / "episode_00003.npz"  # round 0 records episodes 0-2
     proc = iterate(config, start_new_session=True)
     deadline = time.monotonic() + 420
