@@ -45,8 +45,8 @@ import time
 
 from utils.cli import check_writable, load_stage_config, open_stage_dir, run_stage, stage_dir, stage_parser
 from utils.config import config_from_dict, config_to_dict
-from utils.evaluation import evaluate_run, load_evaluated_agent
 from utils.errors import UserError
+from utils.evaluation import evaluate_run, load_evaluated_agent
 from utils.io import save_json, save_text, write_manifest
 from utils.parallel import check_backend
 from utils.report import write_compare_report

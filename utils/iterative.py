@@ -27,9 +27,11 @@ the acting C predicted what it then met), real and dream scores, wall and CPU ti
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,12 +39,12 @@ import time
 import numpy as np
 import yaml
 
+from utils.checkpoints import load_model
 from utils.cli import run_stage, stage_parser
 from utils.config import Config, config_to_dict, dump_config, load_config
 from utils.errors import UserError
-from utils.checkpoints import load_model
 from utils.evaluation import memory_fit
-from utils.io import load_episode, save_json, save_csv, save_text
+from utils.io import load_episode, save_csv, save_json, save_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (("rollouts", "01_generate_rollouts"), ("vision", "02_train_nvae"), ("latents", "03_encode_latents"),
@@ -88,9 +90,7 @@ def link_files(src: str, dst: str, pattern: str) -> int:
             continue
         try:
             os.link(path, target)
-        except OSError:
-            import shutil
-
+        except OSError:  # another file system: copy
             shutil.copy2(path, target)
         added += 1
     return added
@@ -231,8 +231,6 @@ def baseline_curve(run_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Raises:
         UserError: the run has no controller/history.csv or rollouts manifest.
     """
-    import csv
-
     history = os.path.join(run_dir, "controller", "history.csv")
     rollouts = _manifest(os.path.join(run_dir, "rollouts"))
     if not os.path.exists(history) or rollouts is None:
