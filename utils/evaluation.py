@@ -209,7 +209,8 @@ def write_media(cfg, out_dir: str, vision, mdnrnn, controller: LinearController,
                              ec.gif_max_frames)
         media[f"episode {seed}: real frame | V's reconstruction | M's dream from the first frame (tau "
               f"{cfg.controller.temperature:g}), same C"] = "world_model.gif"
-    if dream is not None and (cfg.controller.env == "dream" or controller.kind == "actor_critic"):  # C in M's dream beside C on the real track
+    trained_in_m = cfg.controller.env == "dream" or controller.kind == "actor_critic"
+    if dream is not None and trained_in_m:  # C in M's dream beside C on the real track
         save_side_by_side_gif(os.path.join(out_dir, "dream.gif"), frames, dream, ec.gif_every, ec.gif_max_frames)
         media[f"real episode {seed} | dream from its first frame (tau {cfg.controller.temperature:g}), same C"] = "dream.gif"
     held = held_out_frames(cfg, vision_path, ec.recon_frames)

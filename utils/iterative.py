@@ -50,7 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (("rollouts", "01_generate_rollouts"), ("vision", "02_train_nvae"), ("latents", "03_encode_latents"),
          ("mdnrnn", "04_train_mdnrnn"), ("controller", "05_train_controller"), ("eval", "06_evaluate"))
 ROUND_FIELDS = ["round", "episodes", "new_episodes", "data_steps", "eval_steps", "real_steps_total", "dream_steps",
-                "m_heldout_nll", "prev_m_new_nll", "prev_m_new_reward_corr", "real_mean", "real_std", "real_episodes", "dream_mean", "dream_std", "wall_s", "cpu_s"]
+                "m_heldout_nll", "prev_m_new_nll", "prev_m_new_reward_corr", "real_mean", "real_std", "real_episodes",
+                "dream_mean", "dream_std", "wall_s", "cpu_s"]
 
 
 def round_dir(cfg: Config, k: int) -> str:
