@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{latents}: need at least 2 episodes to hold one out (found {len(files)})")
     resolve_device(cfg.memory.device, "memory.device")
     mc = cfg.memory
+    if mc.kind == "tssm" and mc.tssm.context > mc.seq_len:
+        raise UserError(f"memory.tssm.context ({mc.tssm.context}) exceeds memory.seq_len ({mc.seq_len}): in play the "
+                        "TSSM would attend over spans no training window showed it; lower the context or lengthen "
+                        "the windows")
     if mc.init_from:  # checked before the stage folder is touched
         check_init_from(mc.init_from, build_model("memory", mc.kind, mc.model_config(), z_dim=sizes["z_dim"],
                                                      action_dim=sizes["action_dim"]))

@@ -121,22 +121,20 @@ def evaluate_shipped(path: str, overrides: list[str]) -> dict:
 
 
 def unpack_into(agent: dict, source: str, run_dir: str) -> dict[str, str]:
-    """Unpack a shipped agent under run_dir, which must be new or hold an unpacked agent (agent.json): never
-    over a trained run's checkpoints.
+    """Unpack a shipped agent under run_dir, which must be new, empty or an unpacked agent (agent.json): never
+    over a run's own files.
 
     Raises:
-        UserError: run_dir holds checkpoints that did not come from a shipped agent.
+        UserError: run_dir holds anything but an unpacked agent.
     """
     marker = os.path.join(run_dir, "agent.json")
-    taken = [p for p in (os.path.join(run_dir, f, n) for f, n in (("vision", "best.pt"), ("mdnrnn", "best.pt"),
-                                                                 ("controller", "controller.pt"))) if os.path.exists(p)]
-    if taken and not os.path.exists(marker):
-        raise UserError(f"{run_dir}: holds a trained run ({taken[0]}); unpack the shipped agent elsewhere "
-                        "(--set run_dir=...)")
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and not os.path.exists(marker):
+        raise UserError(f"{run_dir}: not empty and not an unpacked agent (no agent.json); unpack the shipped agent "
+                        "elsewhere (--set run_dir=...)")
     check_writable(run_dir)
-    paths = unpack_agent(agent, run_dir)
-    save_json(marker, {"agent": os.path.abspath(source)})
-    return paths
+    os.makedirs(run_dir, exist_ok=True)
+    save_json(marker, {"agent": os.path.abspath(source)})  # first: a killed unpack can be redone
+    return unpack_agent(agent, run_dir)
 
 
 def ship(cfg, paths: dict[str, str], out: str) -> None:
@@ -145,11 +143,11 @@ def ship(cfg, paths: dict[str, str], out: str) -> None:
     vision, mdnrnn, controller, ckpt = load_evaluated_agent(cfg, paths["vision"], paths["mdnrnn"], paths["controller"])
     agent = pack_agent(paths["vision"], paths["mdnrnn"], controller, ckpt, config_to_dict(cfg))
     agent_path = os.path.join(out, "agent.pt")
-    save_agent(agent_path, agent)
-    size_mb = os.path.getsize(agent_path) / 2**20
-    print(f"[06] packed {agent_path} ({size_mb:.1f} MB); scoring the packed agent")
+    print(f"[06] packed the agent of {cfg.run_dir} in half precision; scoring the packed agent")
     shipped_cfg = config_from_dict({**config_to_dict(cfg), "run_dir": os.path.join(cfg.run_dir, "shipped")}, out)
     scores = evaluate(shipped_cfg, unpack_into(agent, agent_path, shipped_cfg.run_dir))
+    save_agent(agent_path, agent)  # only once scored: agent.pt, scores.json and README.md always belong together
+    size_mb = os.path.getsize(agent_path) / 2**20
     trained = os.path.join(stage_dir(cfg, "eval"), "scores.json")
     save_json(os.path.join(out, "scores.json"), scores)
     lines = [f"# Shipped agent: {cfg.env.id}", "",

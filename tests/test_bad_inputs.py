@@ -271,6 +271,9 @@ CASES = [
      config_error("05_train_controller", ("vision", "mdnrnn"),
                   controller={"kind": "actor_critic", "actor_critic": {"min_std": 2.0, "max_std": 1.0}}),
      ("controller.actor_critic.min_std (2.0)", "below", "max_std (1.0)")),
+    ("tssm-context-beyond-windows-04",
+     config_error("04_train_mdnrnn", ("latents",), memory={"kind": "tssm", "tssm": {"context": 64}}),
+     ("memory.tssm.context (64)", "memory.seq_len (8)")),
     ("config-popsize-1-05", config_error("05_train_controller", ("vision", "mdnrnn"), controller={"popsize": 1}),
      ("controller.popsize", ">= 2")),
     # 4. a renamed key

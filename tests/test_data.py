@@ -22,14 +22,20 @@ def test_seed_streams_are_disjoint():
                 seen[s] = (stream, run_seed, i)
 
 
-def test_split_is_by_episode_sorted_and_seeded():
-    files = [f"ep_{i:03d}.npz" for i in range(20)]
+def test_split_is_by_episode_seeded_and_stable_as_episodes_are_added():
+    files = [f"run/latents/episode_{i:05d}.npz" for i in range(400)]
     shuffled = list(np.random.default_rng(1).permutation(files))
     train, held = split_episodes(shuffled, 0.25, seed=3)
     assert (train, held) == split_episodes(files, 0.25, seed=3)  # listing order does not matter
-    assert len(held) == 5 and not set(train) & set(held) and sorted(train + held) == files
+    assert not set(train) & set(held) and sorted(train + held) == files
+    assert 0.2 < len(held) / len(files) < 0.3  # each episode is held out with probability 0.25
     assert split_episodes(files, 0.25, seed=4)[1] != held
-    assert len(split_episodes(files[:2], 0.01, 0)[1]) == 1
+    # an episode keeps its side when more are added (iterative training), and in every folder of the run
+    fewer_train, fewer_held = split_episodes(files[:100], 0.25, seed=3)
+    assert set(fewer_held) <= set(held) and set(fewer_train) <= set(train)
+    rollouts = [f.replace("latents", "rollouts") for f in files]
+    assert split_episodes(rollouts, 0.25, seed=3)[1] == [f.replace("latents", "rollouts") for f in held]
+    assert len(split_episodes(files[:2], 0.01, 0)[1]) == 1 and len(split_episodes(files[:2], 0.99, 0)[0]) == 1
 
 
 def write_episode(folder, index, T, rng):

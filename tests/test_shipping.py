@@ -60,9 +60,9 @@ def test_ship_then_play_the_shipped_agent(tiny_run, tmp_path):
     assert gif.size == (3 * 64 * 2, 64 * 2) and gif.n_frames > 1  # real | reconstruction | dream, scaled 2x
     assert f"{played['mean']:.1f} +- {played['std']:.1f} over 3 held-out episodes" in proc.stdout
 
-    # never unpacked over a trained run's checkpoints; a checkpoint that is not an agent is named
+    # never unpacked over a run's own files; a checkpoint that is not an agent is named
     before = (run_dir / "vision" / "best.pt").read_bytes()
     proc = play_shipped(str(out / "agent.pt"), f"run_dir={run_dir}")
-    assert_user_error(proc, str(run_dir), "holds a trained run")
+    assert_user_error(proc, str(run_dir), "not empty and not an unpacked agent")
     assert (run_dir / "vision" / "best.pt").read_bytes() == before
     assert_user_error(play_shipped(str(run_dir / "vision" / "best.pt")), "best.pt", "not a shipped agent")

@@ -90,7 +90,8 @@ class VisionConfig(NVAEConfig):
     batch_size: int = param(64, "frames per update", minimum=1)
     lr: float = param(1.0e-3, "Adam learning rate", above=0)
     grad_clip: float = param(100.0, "max global gradient norm", above=0)
-    holdout_fraction: float = param(0.1, "fraction of episodes held out (split by episode, sorted then seeded)",
+    holdout_fraction: float = param(0.1, "fraction of episodes held out (by episode: each side fixed by file name "
+                                    "and seed)",
                                     minimum=0, below=1)
     val_frames: int = param(2048, "held-out frames used for the per-epoch validation ELBO", minimum=1)
     chunk_episodes: int = param(32, "episodes held in memory at once while shuffling frames", minimum=1)

@@ -1,9 +1,9 @@
 """Datasets over episode files: frames for V (stage 02), latent windows for M (stage 04).
 
 Splits are by episode, never by frame (frames of one episode are nearly
-duplicates): the file list is sorted, permuted with the run seed, and the
-first `holdout_fraction` of it is held out. Sorting first makes the split
-independent of the file system's listing order.
+duplicates): each episode's side is fixed by its file name and the run seed
+(`split_episodes`), so it does not depend on the listing order and does not
+change when more episodes are added.
 """
 
 from __future__ import annotations
@@ -19,15 +19,26 @@ from utils.errors import UserError
 from utils.io import load_episode
 
 
+def holdout_draw(name: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by an episode's file name and the run seed."""
+    return float(np.random.default_rng([seed, zlib.crc32(name.encode())]).random())
+
+
 def split_episodes(files: list[str], holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train, held_out) lists of files, each sorted. At least one episode each when there are two or more."""
+    """(train, held_out) lists of files, each sorted: an episode is held out when holdout_draw(its file name,
+    seed) < holdout_fraction. So its side never changes when more episodes are added (iterative training's
+    rounds), rollouts and latents of one episode fall on the same side, and about that fraction is held out.
+    At least one episode each when there are two or more (the lowest draw is held out, the highest trained on)."""
     files = sorted(files)
-    order = np.random.default_rng(seed).permutation(len(files))
-    n_held = int(round(holdout_fraction * len(files)))
+    draws = [holdout_draw(os.path.basename(f), seed) for f in files]
+    held_mask = [d < holdout_fraction for d in draws]
     if holdout_fraction > 0 and len(files) >= 2:
-        n_held = min(max(n_held, 1), len(files) - 1)
-    held = sorted(files[i] for i in order[:n_held])
-    train = sorted(files[i] for i in order[n_held:])
+        if not any(held_mask):
+            held_mask[int(np.argmin(draws))] = True
+        if all(held_mask):
+            held_mask[int(np.argmax(draws))] = False
+    held = [f for f, h in zip(files, held_mask) if h]
+    train = [f for f, h in zip(files, held_mask) if not h]
     return train, held
 
 

@@ -32,6 +32,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -44,7 +45,7 @@ from utils.cli import run_stage, stage_parser
 from utils.config import Config, config_to_dict, dump_config, load_config
 from utils.errors import UserError
 from utils.evaluation import memory_fit
-from utils.io import load_episode, save_csv, save_json, save_text
+from utils.io import list_episodes, load_episode, save_csv, save_json, save_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (("rollouts", "01_generate_rollouts"), ("vision", "02_train_nvae"), ("latents", "03_encode_latents"),
@@ -91,8 +92,9 @@ def link_files(src: str, dst: str, pattern: str) -> int:
             continue
         try:
             os.link(path, target)
-        except OSError:  # another file system: copy
-            shutil.copy2(path, target)
+        except OSError:  # another file system: copy, then rename into place (a killed copy leaves no file)
+            shutil.copy2(path, target + ".tmp")
+            os.replace(target + ".tmp", target)
         added += 1
     return added
 
@@ -141,10 +143,10 @@ def pin_config(cfg: Config) -> str:
 
 
 def _differing_keys(a, b, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
+    if isinstance(a, dict) and isinstance(b, dict):  # keys in one only came or went with another code version
         out = []
-        for key in set(a) | set(b):
-            out += _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        for key in set(a) & set(b):
+            out += _differing_keys(a[key], b[key], f"{prefix}{key}.")
         return out
     return [] if a == b else [prefix.rstrip(".")]
 
@@ -156,7 +158,18 @@ def run_step(script: str, config_path: str, sets: list[str]) -> None:
         UserError: the stage failed (its own error line is above); rerunning the command resumes it.
     """
     cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--config", config_path, "--set", *sets]
-    code = subprocess.call(cmd)
+    child = subprocess.Popen(cmd)
+
+    def stop(signum, frame):  # a terminated driver stops its stage too (else the stage's lock outlives us)
+        child.terminate()
+        child.wait()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if code:
         raise UserError(f"{script} exited with status {code} (its message is above); rerun the same command to "
                         "resume from there")
@@ -184,7 +197,8 @@ def round_row(cfg: Config, k: int, real_steps_before: int) -> dict:
     eval_steps = int(controller.get("heldout_steps") or 0) + int(sum(scores["steps"]))
     dream = scores.get("dream") or {}
     fit = {"nll": None, "reward_corr": None}
-    if k:  # the M whose dream trained the acting C, on what that C then met: episodes it never saw
+    if k and not cfg.iterative.refit_vision:  # the M whose dream trained the acting C, on what that C then met
+        # (episodes it never saw); with a refitted V the new latents are another V's z, so there is no such number
         prev_memory, _ = load_model(os.path.join(round_dir(cfg, k - 1), "mdnrnn", "best.pt"), "memory")
         fit = memory_fit(prev_memory, [os.path.join(here, "latents", os.path.basename(p)) for p in new], cfg)
     return {"round": k, "episodes": episodes_after(cfg, k), "new_episodes": len(new), "data_steps": data_steps,
@@ -233,12 +247,11 @@ def baseline_curve(run_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         UserError: the run has no controller/history.csv or rollouts manifest.
     """
     history = os.path.join(run_dir, "controller", "history.csv")
-    rollouts = _manifest(os.path.join(run_dir, "rollouts"))
-    if not os.path.exists(history) or rollouts is None:
+    if not os.path.exists(history) or _manifest(os.path.join(run_dir, "rollouts")) is None:
         raise UserError(f"--baseline {run_dir}: expected a finished run with controller/history.csv and "
                         "rollouts/manifest.json")
     rows = list(csv.DictReader(open(history)))
-    steps = rollouts["metrics"].get("steps_recorded") or 0
+    steps = sum(len(load_episode(p, ("rewards",))["rewards"]) for p in list_episodes(os.path.join(run_dir, "rollouts")))
     xs, means, stds = [], [], []
     for r in rows:
         steps += int(float(r["env_steps"] or 0)) + int(float(r.get("heldout_steps") or 0))

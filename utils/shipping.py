@@ -36,13 +36,22 @@ def _model_part(ckpt: dict, dtype: torch.dtype) -> dict:
 
 def pack_agent(vision_path: str, mdnrnn_path: str, controller, controller_ckpt: dict, config: dict) -> dict:
     """The shipped agent of a run: V and M from their checkpoints, C from the evaluated `controller` (its
-    parameters as 06 played them), all floating weights in float16, and the run's resolved `config`."""
+    parameters as 06 played them), all floating weights in float16, and the run's resolved `config`.
+
+    Raises:
+        UserError: a weight that float16 cannot hold.
+    """
     unit = _unit(controller.kind)
     c = _model_part({**controller_ckpt, "state_dict": controller.state_dict()}, torch.float16)
     c |= {"best": controller_ckpt.get("best"), unit: controller_ckpt.get(unit, 0)}  # where training picked it
-    return {"kind": "agent", "format": FORMAT, "config": config,
-            "vision": _model_part(read_checkpoint(vision_path), torch.float16),
-            "memory": _model_part(read_checkpoint(mdnrnn_path), torch.float16), "controller": c}
+    agent = {"kind": "agent", "format": FORMAT, "config": config,
+             "vision": _model_part(read_checkpoint(vision_path), torch.float16),
+             "memory": _model_part(read_checkpoint(mdnrnn_path), torch.float16), "controller": c}
+    for part in PARTS:  # a weight beyond float16's range (65504) would ship as inf
+        bad = [k for k, v in agent[part]["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise UserError(f"cannot ship: {part} weight {bad[0]} does not fit in float16 (|w| > 65504)")
+    return agent
 
 
 def _unit(kind: str) -> str:
