@@ -15,6 +15,28 @@ from models.mdnrnn import MDNRNN, MDNRNNConfig
 from models.rssm import RSSM, RSSMConfig, RSSMOptions
 
 
+def test_round_trip_and_the_wrong_kind(tmp_path):
+    from utils.checkpoints import load_model, save_model
+    from utils.errors import UserError
+
+    torch.manual_seed(0)
+    ac = ActorCritic(ActorCriticConfig(units=8, max_std=0.5), 5, [-1.0, 0.0], [1.0, 1.0])
+    ac.return_scale.fill_(3.0)
+    path = str(tmp_path / "ac.pt")
+    save_model(path, ac)
+    again, ckpt = load_model(path, "controller")
+    assert isinstance(again, ActorCritic) and ckpt["kind"] == "actor_critic" and again.config == ac.config
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(again(x), ac(x))
+    torch.testing.assert_close(again.value(x, slow=True), ac.value(x, slow=True))
+    assert np.array_equal(again.get_params(), ac.get_params()) and float(again.return_scale) == 3.0
+    assert again.policy(x).stddev.max() <= 0.5  # the sigma bound travels with the config
+    with pytest.raises(UserError, match=r"ac.pt: checkpoint of kind 'actor_critic', expected a memory checkpoint"):
+        load_model(path, "memory")
+    with pytest.raises(ValueError, match="min_std"):
+        ActorCritic(ActorCriticConfig(min_std=1.0, max_std=1.0), 5, [-1.0], [1.0])
+
+
 def test_lambda_one_with_a_zero_critic_is_the_discounted_return():
     rewards = torch.tensor([[1.0], [2.0], [3.0]])
     returns = lambda_returns(rewards, torch.zeros(4, 1), torch.ones(3, 1), gamma=0.5, lam=1.0)
