@@ -251,6 +251,15 @@ def checkpoint_of_the_wrong_kind(tmp_path, tiny, keep):
     return "03_encode_latents", write_config(tmp_path, run_dir), ["--vision", str(run_dir / "mdnrnn" / "best.pt")]
 
 
+def init_from_of_another_size(tmp_path, tiny, keep):
+    run_dir = tmp_path / "run"
+    copy_stages(tiny, run_dir, "latents")
+    copy_stages(tiny, tmp_path / "previous", "mdnrnn")  # hidden 16, as TINY
+    config = write_config(tmp_path, run_dir, memory={"hidden": 32,
+                                                     "init_from": str(tmp_path / "previous" / "mdnrnn" / "best.pt")})
+    return "04_train_mdnrnn", config, []
+
+
 CASES = [
     # 1. a config value that is not finite
     ("config-lr-inf-by-set-02", config_error("02_train_nvae", ("rollouts",), ("--set", "vision.lr=1e400")),
@@ -274,6 +283,9 @@ CASES = [
     ("tssm-context-beyond-windows-04",
      config_error("04_train_mdnrnn", ("latents",), memory={"kind": "tssm", "tssm": {"context": 64}}),
      ("memory.tssm.context (64)", "memory.seq_len (8)")),
+    ("init-from-missing-04", config_error("04_train_mdnrnn", ("latents",), memory={"init_from": "/no/such/best.pt"}),
+     ("/no/such/best.pt", "not found")),
+    ("init-from-another-size-04", init_from_of_another_size, ("memory.init_from", "best.pt", "this run builds")),
     ("config-popsize-1-05", config_error("05_train_controller", ("vision", "mdnrnn"), controller={"popsize": 1}),
      ("controller.popsize", ">= 2")),
     # 4. a renamed key
