@@ -11,7 +11,8 @@ uses env seed utils.seeding.env_seed(seed, "rollouts", i). Rerunning skips the
 episodes already on disk, so a killed run resumes.
 
 rollouts.policy=controller plays the trained C of rollouts.controller, with the
-V and M it was trained with, plus N(0, rollouts.action_noise^2) action noise
+V and M it was trained with (its parameters chosen by evaluate.params, as 06 plays it),
+plus N(0, rollouts.action_noise^2) action noise
 (Ha & Schmidhuber's iterative training, section 5): raising rollouts.episodes
 above what is on disk adds such episodes beside the random ones, and 03 and 04
 then retrain M on both.
@@ -48,7 +49,10 @@ def agent_checkpoints(cfg) -> tuple[dict, dict] | tuple[None, None]:
     path = cfg.rollouts.controller
     if not path:
         raise UserError("rollouts.controller: rollouts.policy=controller needs the path of a trained controller.pt")
-    _, controller = load_model(path, "controller")
+    model, controller = load_model(path, "controller")
+    if cfg.evaluate.params == "mean":  # the C that 06 would score: the final CMA-ES mean (or actor), not the
+        model.set_params(controller["params_mean"])  # best held-out re-evaluation, a real-env selection
+        controller = {**controller, "state_dict": model.state_dict()}
     paths = {**(controller.get("inputs") or {}), "controller": os.path.abspath(path)}
     ckpts = {"controller": controller, "vision": load_model(paths.get("vision", ""), "vision")[1],
              "mdnrnn": load_model(paths.get("mdnrnn", ""), "memory")[1]}

@@ -28,8 +28,10 @@ def iterate(config: str, *args: str, **popen) -> subprocess.Popen:
 
 def test_two_rounds_killed_in_round_1_resume_and_report(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
-    config = write_config(tmp_path, run_dir, controller=DREAM_C, iterative=ITERATIVE,
-                          evaluate={"episodes": 3, "max_steps": 30, "workers": 2, "fid_frames": 0})
+    bootstrap = {"bootstrap_generations": 1, "bootstrap_popsize": 4, "bootstrap_max_steps": 30,
+                 "bootstrap_early_stop_steps": 0}  # round 0's C: one CMA-ES generation in the real env
+    config = write_config(tmp_path, run_dir, controller=DREAM_C, iterative={**ITERATIVE, **bootstrap},
+                          evaluate={"episodes": 3, "max_steps": 30, "workers": 2, "fid_frames": 0, "params": "mean"})
     # Round 0's stages 01-04 are those of tiny_run (the same config but C's section, which they do not read):
     # finished stage folders, which the command skips as it would its own. Its 05 and 06 run here.
     for stage in ("rollouts", "vision", "latents", "mdnrnn"):
@@ -74,10 +76,15 @@ def test_two_rounds_killed_in_round_1_resume_and_report(tiny_run, tmp_path):
         assert int(r["data_steps"]) == steps
         scores = json.load(open(run_dir / f"round_{k:02d}" / "eval" / "scores.json"))
         assert float(r["real_mean"]) == pytest.approx(scores["mean"]) and int(r["real_episodes"]) == scores["episodes"]
-        assert int(r["dream_steps"]) > 0 and int(r["eval_steps"]) > sum(scores["steps"])  # + 05's held-out play
+        assert int(r["eval_steps"]) > sum(scores["steps"])  # + 05's held-out play
+    controller = [json.load(open(run_dir / f"round_{k:02d}" / "controller" / "manifest.json"))["metrics"] for k in (0, 1)]
+    assert controller[0]["env"] == "real" and controller[0]["generations"] == 1  # the bootstrap C
+    assert int(rows[0]["c_real_steps"]) == controller[0]["env_steps"] > 0 and int(rows[0]["dream_steps"]) == 0
+    assert controller[1]["env"] == "dream" and int(rows[1]["c_real_steps"]) == 0 and int(rows[1]["dream_steps"]) > 0
     assert rows[0]["prev_m_new_nll"] == "" and np.isfinite(float(rows[1]["prev_m_new_nll"]))  # round 0's M, new data
     assert [int(r["real_episodes"]) for r in rows] == [2, 3]  # iterative.eval_episodes, then evaluate.episodes
-    assert int(rows[1]["real_steps_total"]) == sum(int(r["data_steps"]) + int(r["eval_steps"]) for r in rows)
+    assert int(rows[1]["real_steps_total"]) == sum(int(r["data_steps"]) + int(r["c_real_steps"]) + int(r["eval_steps"])
+                                                   for r in rows)
     table = open(run_dir / "rounds.md").read()
     assert table.count("\n| 0 |") == 1 and table.count("\n| 1 |") == 1
     assert os.path.getsize(run_dir / "rounds.png") > 0
@@ -88,10 +95,10 @@ def test_two_rounds_killed_in_round_1_resume_and_report(tiny_run, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
-    table2 = text.split("## Table 2")[1].split("##")[0]
-    for k in (0, 1):
+    for k, table in ((0, "## Table 1"), (1, "## Table 2")):  # round 0's bootstrap C was trained in the real env
+        rows_of_table = text.split(table)[1].split("##")[0]
         scores = json.load(open(run_dir / f"round_{k:02d}" / "eval" / "scores.json"))
-        row = next(line for line in table2.splitlines() if f"round_{k:02d}`" in line)
+        row = next(line for line in rows_of_table.splitlines() if f"round_{k:02d}`" in line)
         assert f"{scores['mean']:.1f} +- {scores['std']:.1f}" in row
     assert "## Iterative training" in text and text.count("\n| 1 | 5 (2) |") == 1
 
@@ -131,3 +138,25 @@ def test_bad_baseline_is_refused_before_any_work(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), "--baseline", "history.csv")
     assert not (tmp_path / "run").exists()
+
+
+def test_01_records_the_c_that_evaluate_params_names(tiny_run, tmp_path):
+    """With evaluate.params=mean, rollouts.policy=controller records the final CMA-ES mean, as 06 scores it (a
+    dream-trained C is then never picked by a real-env score); with best, the best held-out mean."""
+    import importlib
+
+    import torch
+
+    from utils.config import load_config
+
+    stage01 = importlib.import_module("01_generate_rollouts")
+    saved = torch.load(os.path.join(tiny_run["run_dir"], "controller", "controller.pt"), weights_only=True)
+    saved["params_mean"] = saved["state_dict"]["params"] + 0.5  # a final mean unlike the best held-out one
+    path = str(tmp_path / "controller.pt")
+    torch.save(saved, path)
+    for params, expected in (("mean", saved["params_mean"]), ("best", saved["state_dict"]["params"])):
+        config = write_config(tmp_path, tmp_path / "run", evaluate={"params": params},
+                              rollouts={"policy": "controller", "controller": path})
+        ckpts, paths = stage01.agent_checkpoints(load_config(config, []))
+        assert torch.equal(ckpts["controller"]["state_dict"]["params"], expected)
+        assert paths["controller"] == os.path.abspath(path)

@@ -184,7 +184,9 @@ class EvaluateConfig:
     """Stage 06."""
 
     episodes: int = param(100, "evaluation episodes, on seeds disjoint from every training seed", minimum=1)
-    params: str = param("best", "best (best held-out re-evaluation) | mean (final CMA-ES mean)",
+    params: str = param("best", "the C that 06 plays and stage 01's rollouts.policy=controller records: best (the "
+                        "CMA-ES mean with the best held-out real-env re-evaluation) | mean (the final CMA-ES mean or "
+                        "actor; a dream-trained C then never used the real env but for logging)",
                         choices=("best", "mean"))
     max_steps: int = param(0, "cap on steps of an evaluation episode (0: env.max_episode_steps)", minimum=0)
     workers: int = param(2, "worker processes", minimum=1)
@@ -209,6 +211,16 @@ class IterativeConfig:
     memory_epochs: int = param(5, "memory_init previous: epochs of fine-tuning per later round", minimum=1)
     eval_episodes: int = param(20, "held-out real episodes of each round's stage 06 (the last round plays "
                                "evaluate.episodes)", minimum=1)
+    bootstrap_generations: int = param(0, "round 0's C: 0 trains it in the dream like every round; N > 0 trains it N "
+                                       "CMA-ES generations in the real env (its episodes counted as real-env "
+                                       "steps), so round 1 records a C that already drives somewhat", minimum=0)
+    bootstrap_popsize: int = param(16, "bootstrap_generations > 0: CMA-ES population of round 0's real-env C",
+                                   minimum=2)
+    bootstrap_max_steps: int = param(600, "bootstrap_generations > 0: step limit of each real training episode",
+                                     minimum=1)
+    bootstrap_early_stop_steps: int = param(60, "bootstrap_generations > 0: end a real training episode after this "
+                                            "many steps without reward (CarRacing: no new tile); 0 = never",
+                                            minimum=0)
 
 
 BACKENDS = ("local", "ray")

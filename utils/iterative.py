@@ -50,7 +50,8 @@ from utils.io import list_episodes, load_episode, save_csv, save_json, save_text
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (("rollouts", "01_generate_rollouts"), ("vision", "02_train_nvae"), ("latents", "03_encode_latents"),
          ("mdnrnn", "04_train_mdnrnn"), ("controller", "05_train_controller"), ("eval", "06_evaluate"))
-ROUND_FIELDS = ["round", "episodes", "new_episodes", "data_steps", "eval_steps", "real_steps_total", "dream_steps",
+ROUND_FIELDS = ["round", "episodes", "new_episodes", "data_steps", "c_real_steps", "eval_steps", "real_steps_total",
+                "dream_steps",
                 "m_heldout_nll", "prev_m_new_nll", "prev_m_new_reward_corr", "real_mean", "real_std", "real_episodes",
                 "dream_mean", "dream_std", "wall_s", "cpu_s"]
 
@@ -72,6 +73,11 @@ def round_overrides(cfg: Config, k: int) -> list[str]:
     if k < it.rounds - 1:
         sets.append(f"evaluate.episodes={it.eval_episodes}")
     if k == 0:
+        if it.bootstrap_generations:
+            sets += ["controller.env=real", f"controller.generations={it.bootstrap_generations}",
+                     f"controller.popsize={it.bootstrap_popsize}", "controller.rollouts_per_candidate=1",
+                     f"controller.max_steps={it.bootstrap_max_steps}",
+                     f"controller.early_stop_steps={it.bootstrap_early_stop_steps}"]
         return sets
     prev = round_dir(cfg, k - 1)
     sets += [f"rollouts.episodes={episodes_after(cfg, k)}", "rollouts.policy=controller",
@@ -195,6 +201,7 @@ def round_row(cfg: Config, k: int, real_steps_before: int) -> dict:
         scores = json.load(f)
     controller = manifests["controller"]["metrics"]
     eval_steps = int(controller.get("heldout_steps") or 0) + int(sum(scores["steps"]))
+    c_real_steps = int(controller.get("env_steps") or 0) if controller.get("env") == "real" else 0  # bootstrap C
     dream = scores.get("dream") or {}
     fit = {"nll": None, "reward_corr": None}
     if k and not cfg.iterative.refit_vision:  # the M whose dream trained the acting C, on what that C then met
@@ -202,7 +209,8 @@ def round_row(cfg: Config, k: int, real_steps_before: int) -> dict:
         prev_memory, _ = load_model(os.path.join(round_dir(cfg, k - 1), "mdnrnn", "best.pt"), "memory")
         fit = memory_fit(prev_memory, [os.path.join(here, "latents", os.path.basename(p)) for p in new], cfg)
     return {"round": k, "episodes": episodes_after(cfg, k), "new_episodes": len(new), "data_steps": data_steps,
-            "eval_steps": eval_steps, "real_steps_total": real_steps_before + data_steps + eval_steps,
+            "c_real_steps": c_real_steps, "eval_steps": eval_steps,
+            "real_steps_total": real_steps_before + data_steps + c_real_steps + eval_steps,
             "dream_steps": int(controller.get("dream_steps") or 0),
             "m_heldout_nll": manifests["mdnrnn"]["metrics"].get("val_nll"),
             "prev_m_new_nll": fit["nll"], "prev_m_new_reward_corr": fit["reward_corr"],
@@ -216,21 +224,23 @@ def write_rounds(cfg: Config, rows: list[dict], baseline: str | None = None) -> 
     """rounds.csv, rounds.md and rounds.png under run_dir."""
     save_csv(os.path.join(cfg.run_dir, "rounds.csv"), rows, ROUND_FIELDS)
     lines = [f"# Iterative training: {cfg.env.id}, V {cfg.vision.kind}, M {cfg.memory.kind}, C {cfg.controller.kind}",
-             "", "Real-env steps: data = the episodes recorded for V and M; evaluation = 05's held-out "
+             "", "Real-env steps: data = the episodes recorded for V and M; C = the training episodes of a C trained "
+             "in the real env (round 0 with iterative.bootstrap_generations > 0; else 0); evaluation = 05's held-out "
              "re-evaluations (logging only) + 06's held-out episodes. Time: the stages run in this round.", "",
              "M's NLL is of z_{t+1} in nats per latent dim: this round's M on its held-out episodes (stage 04's "
              "split of all episodes so far), and the previous round's M, whose dream trained the C that recorded "
              "this round's episodes, on those new episodes.", "",
-             "| round | episodes (new) | real steps: data | real steps: evaluation | real steps so far | "
+             "| round | episodes (new) | real steps: data | real steps: C | real steps: evaluation | real steps so far | "
              "dream steps | M held-out NLL | previous M on the new episodes: NLL, reward r | real score | "
              "dream score | wall (min) | CPU (min) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         dream = "-" if r["dream_mean"] is None else f"{r['dream_mean']:.1f} +- {r['dream_std']:.1f}"
         nll = "-" if r["m_heldout_nll"] is None else f"{r['m_heldout_nll']:.3f}"
         prev = "-" if r["prev_m_new_nll"] is None else f"{r['prev_m_new_nll']:.3f}, " + (
             "-" if r["prev_m_new_reward_corr"] is None else f"{r['prev_m_new_reward_corr']:.3f}")
         lines.append(f"| {r['round']} | {r['episodes']} ({r['new_episodes']}) | {r['data_steps']:,} | "
+                     f"{r.get('c_real_steps', 0):,} | "
                      f"{r['eval_steps']:,} | {r['real_steps_total']:,} | {r['dream_steps']:,} | {nll} | {prev} | "
                      f"{r['real_mean']:.1f} +- {r['real_std']:.1f} ({r['real_episodes']}) | {dream} | "
                      f"{r['wall_s'] / 60:.1f} | {r['cpu_s'] / 60:.1f} |")
@@ -280,7 +290,7 @@ def plot_rounds(rows: list[dict], path: str, baseline: str | None = None) -> Non
     if baseline:
         xs, means, stds = baseline_curve(baseline)
         ax.errorbar(xs, means, yerr=stds, fmt="s--", capsize=2, alpha=0.7, label="CMA-ES in the real env (held-out)")
-    ax.set_xlabel("real-env steps consumed (data + evaluation)")
+    ax.set_xlabel("real-env steps consumed (data + C training + evaluation)")
     ax.set_ylabel("held-out real return")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -314,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         cached = os.path.join(here, "round.json")  # a finished round's row: computed once
         if os.path.exists(cached):
             with open(cached) as f:
-                row = json.load(f)
+                row = {"c_real_steps": 0, **json.load(f)}  # rows written before the column: no real-env C
         else:
             row = round_row(cfg, k, real_steps)
             save_json(cached, row)
