@@ -13,7 +13,7 @@ LOCK_TOOL := pip-tools==7.6.2
 TORCH_WHEELS ?= /opt/wheels
 LOCK_ARGS ?=
 
-.PHONY: install lock demo test bench clean-demo iterate
+.PHONY: install lock demo test bench clean-demo iterate watch
 
 $(STAMP): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,14 @@ test: $(STAMP)
 # round after round (utils/iterative.py); rerun the same command to resume
 iterate: $(STAMP)
 	$(PY) -m utils.iterative --config $(CONFIG) $(if $(SET),--set $(SET))
+
+# make watch [WATCH_AGENT=agents/NAME/agent.pt WATCH_EPISODES=N]: play a shipped agent on held-out tracks on the
+# CPU (06_evaluate.py --agent): prints mean +- std, writes runs/watch/eval/world_model.gif (real frame, V's
+# reconstruction, M's dream side by side), episode.gif and report.md
+WATCH_AGENT ?= agents/carracing_vae/agent.pt
+WATCH_EPISODES ?= 5
+watch: $(STAMP)
+	$(PY) 06_evaluate.py --agent $(WATCH_AGENT) --set evaluate.episodes=$(WATCH_EPISODES) run_dir=runs/watch
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from models.controller import perturb_in_bounds
 from models.likelihood import frames_to_tensor
 
 
@@ -45,14 +46,15 @@ class Agent:
         """V-ready frame uint8 (S, S, 3) -> action float32 (A,) in bounds; advances M with the action returned.
 
         info: the env info of the step that gave the frame (C's extra inputs, if controller.inputs reads any).
-        noise_std > 0 adds N(0, noise_std^2) exploration noise drawn from `rng`, clipped to the bounds, before M
-        sees the action (Ha & Schmidhuber section 5: M learns from what was played).
+        noise_std > 0 adds N(0, noise_std^2) exploration noise drawn from `rng` before C's tanh bound
+        (models.controller.perturb_in_bounds), and M sees the action played (Ha & Schmidhuber section 5: M
+        learns from what was played).
         """
         z, _ = self.vision.encode(frames_to_tensor(frame[None]))  # (1, D): the posterior mean
         self.state = self.memory.observe(self.state, z)
         action = self.controller(self.memory.features(self.state), self.controller.info_vector(info or {}))
         if noise_std > 0:
-            noisy = action.numpy() + rng.normal(0.0, noise_std, action.shape)
-            action = torch.from_numpy(np.clip(noisy, self.controller.low, self.controller.high).astype(np.float32))
+            action = torch.from_numpy(perturb_in_bounds(action.numpy(), self.controller.low, self.controller.high,
+                                                        noise_std, rng))
         self.state = self.memory.transition(self.state, action)
         return action[0].numpy()

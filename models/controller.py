@@ -41,6 +41,26 @@ def squash_to_bounds(u, low, high):
     return low + (high - low) * (np.tanh(u) + 1) / 2
 
 
+def unsquash_from_bounds(action, low, high, margin: float = 1e-6) -> np.ndarray:
+    """The inverse of `squash_to_bounds` on numpy: action float (..., A) in [low, high] -> u float (..., A), with
+    actions on a bound moved `margin` (in tanh units) inside it so that u stays finite (|u| <= 7.3)."""
+    unit = np.clip(2 * (action - low) / (high - low) - 1, -1 + margin, 1 - margin)
+    return np.arctanh(unit)
+
+
+def perturb_in_bounds(action: np.ndarray, low, high, noise_std: float, rng: np.random.Generator) -> np.ndarray:
+    """Exploration noise for a tanh-bounded C: action float (..., A) in [low, high] -> squash(u + eps), eps ~
+    N(0, noise_std^2) in the units of u (before the tanh, as a tanh-Gaussian policy samples), float32.
+
+    Why not a + eps clipped to the bounds: an action that rests on a bound (CarRacing's brake at 0) would pick up
+    a one-sided mean of 0.4 noise_std (0.04 of brake at 0.1), enough to stop a C that drives on little gas.
+    Here a saturated action stays near its bound, and at the centre of the range (steering 0) the noise has
+    std noise_std * (high - low) / 2.
+    """
+    u = unsquash_from_bounds(np.asarray(action, dtype=np.float64), low, high)
+    return squash_to_bounds(u + rng.normal(0.0, noise_std, u.shape), low, high).astype(np.float32)
+
+
 def split_params(params: torch.Tensor, action_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The flat parameter layout of C, written once: params float (..., A * in_dim + A) -> W (..., A, in_dim)
     (row-major), b (..., A).

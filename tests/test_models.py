@@ -207,3 +207,22 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with pytest.raises(UserError, match="not written: the weights of vae hold NaN or inf"):
         save_model(str(path), vae)
     assert not path.exists() and list(tmp_path.iterdir()) == []  # no temporary file left behind either
+
+
+def test_exploration_noise_is_added_before_the_tanh_bound():
+    """perturb_in_bounds: squash(unsquash(a) + eps). Actions stay in bounds; noise 0 returns a; an action resting
+    on a bound (CarRacing's brake at 0) stays near it, where noise added after the bound and clipped would
+    brake by 0.4 sigma on average; at the centre (steering 0) the spread is sigma."""
+    from models.controller import perturb_in_bounds, unsquash_from_bounds
+
+    low, high = np.array([-1.0, 0.0, 0.0], np.float32), np.array([1.0, 1.0, 1.0], np.float32)
+    rng = np.random.default_rng(0)
+    action = np.tile(np.array([0.0, 0.3, 0.0], np.float32), (20000, 1))  # steer 0, some gas, no brake
+    np.testing.assert_allclose(perturb_in_bounds(action, low, high, 0.0, rng), action, atol=1e-6)
+    np.testing.assert_allclose(squash_to_bounds(unsquash_from_bounds(action, low, high), low, high), action, atol=1e-6)
+    noisy = perturb_in_bounds(action, low, high, 0.1, rng)
+    assert noisy.dtype == np.float32 and (noisy >= low).all() and (noisy <= high).all()
+    assert abs(noisy[:, 0].std() - 0.1) < 0.005 and abs(noisy[:, 0].mean()) < 0.003
+    clipped = np.clip(action + rng.normal(0.0, 0.1, action.shape), low, high)
+    assert clipped[:, 2].mean() > 0.035 and noisy[:, 2].mean() < 1e-4  # the brake: clipped noise brakes, ours not
+    assert 0 < noisy[:, 1].std() < 0.1  # gas at 0.3: the tanh's slope there, 2 * 0.3 * 0.7 = 0.42, scales it

@@ -66,3 +66,29 @@ def test_ship_then_play_the_shipped_agent(tiny_run, tmp_path):
     assert_user_error(proc, str(run_dir), "not empty and not an unpacked agent")
     assert (run_dir / "vision" / "best.pt").read_bytes() == before
     assert_user_error(play_shipped(str(run_dir / "vision" / "best.pt")), "best.pt", "not a shipped agent")
+
+
+def test_the_shipped_agents_in_the_repository():
+    """agents/*/agent.pt, what `make watch` plays: each loads with torch.load(weights_only=True) as a shipped agent
+    in half precision, carries the score it was measured at (scores.json: the packed file on held-out seeds) and
+    a README quoting it; together they stay within the 25 MB the repository allows them."""
+    import glob
+    import re
+
+    from utils.shipping import read_agent
+
+    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    watched = re.search(r"^WATCH_AGENT \?= (\S+)$", makefile, re.M).group(1)
+    agents = sorted(glob.glob(os.path.join(ROOT, "agents", "*", "agent.pt")))
+    assert os.path.join(ROOT, watched) in agents
+    assert sum(os.path.getsize(p) for p in agents) <= 25 * 2**20
+    for path in agents:
+        agent = torch.load(path, map_location="cpu", weights_only=True)
+        assert read_agent(path)["format"] == agent["format"]
+        for part in ("vision", "memory", "controller"):
+            weights = [v for v in agent[part]["state_dict"].values() if v.is_floating_point()]
+            assert weights and all(v.dtype == torch.float16 and torch.isfinite(v).all() for v in weights)
+        scores = json.load(open(os.path.join(os.path.dirname(path), "scores.json")))
+        assert scores["episodes"] == len(scores["returns"]) >= 100 and scores["env"] == agent["config"]["env"]["id"]
+        readme = open(os.path.join(os.path.dirname(path), "README.md")).read()
+        assert f"**{scores['mean']:.1f} +- {scores['std']:.1f}** over {scores['episodes']} held-out episodes" in readme

@@ -74,8 +74,8 @@ class RolloutsConfig:
     brownian_dt: float = param(0.02, "step of the brownian action walk: a += sqrt(dt) * N(0, 1)", above=0)
     controller: str = param("", "policy=controller: controller.pt of a trained run (plays with the V and M it "
                             "was trained with)")
-    action_noise: float = param(0.1, "policy=controller: std of the Gaussian noise added to C's action (then "
-                                "clipped)", minimum=0)
+    action_noise: float = param(0.1, "policy=controller: std of the Gaussian noise added to C's output before its "
+                                "tanh bound (models.controller.perturb_in_bounds)", minimum=0)
     max_steps: int = param(0, "cap on steps per recorded episode (0: env.max_episode_steps)", minimum=0)
     workers: int = param(2, "worker processes, each with its own env", minimum=1)
 
