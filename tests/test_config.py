@@ -35,6 +35,9 @@ def test_defaults_and_shipped_configs_load():
     for kind in ("vae", "nvae"):  # iterative training: the same rounds on either V, C in the dream
         cfg = load_config(f"configs/carracing_iterative_{kind}.yaml")
         assert (cfg.vision.kind, cfg.controller.env, cfg.iterative.rounds) == (kind, "dream", 4)
+    boot = load_config("configs/carracing_iterative_vae_boot.yaml")  # round 0's C bootstrapped in the real env
+    assert (boot.iterative.bootstrap_generations, boot.evaluate.params, boot.run_dir) == (
+        15, "mean", "runs/carracing_iterative_vae_boot")
     nvae = load_config(["configs/panda_reach_nvae.yaml", "configs/blocks/panda_rssm_ac.yaml"])
     assert (nvae.vision.kind, nvae.memory.kind, nvae.memory.hidden, nvae.controller.updates) == ("nvae", "rssm", 128,
                                                                                                   1000)
