@@ -12,7 +12,7 @@ episodes already on disk, so a killed run resumes.
 
 rollouts.policy=controller plays the trained C of rollouts.controller, with the
 V and M it was trained with (its parameters chosen by evaluate.params, as 06 plays it),
-plus N(0, rollouts.action_noise^2) action noise
+plus N(0, rollouts.action_noise^2) exploration noise added before C's tanh bound
 (Ha & Schmidhuber's iterative training, section 5): raising rollouts.episodes
 above what is on disk adds such episodes beside the random ones, and 03 and 04
 then retrain M on both.

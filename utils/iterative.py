@@ -7,7 +7,8 @@ Round k runs the six stages in <run_dir>/round_KK/, each as its own process, exa
 (`python 0N_*.py --config <run_dir>/iterative_config.yaml --set run_dir=<run_dir>/round_KK ...`):
 
 - round 0 records `rollouts.episodes` episodes with `rollouts.policy` (the random policy), trains V and M,
-  trains C in M (controller.env: dream, or controller.kind: actor_critic) and plays it on held-out tracks;
+  trains C in M (controller.env: dream, or controller.kind: actor_critic; with iterative.bootstrap_generations
+  > 0, CMA-ES in the real env for that many generations instead) and plays it on held-out tracks;
 - round k >= 1 starts from hard links of round k-1's episodes (and, unless iterative.refit_vision, of its V
   and latents), records `iterative.episodes` new episodes with round k-1's agent plus N(0,
   rollouts.action_noise^2) action noise, encodes them, fine-tunes round k-1's M on all episodes so far
