@@ -50,7 +50,8 @@ def unsquash_from_bounds(action, low, high, margin: float = 1e-6) -> np.ndarray:
 
 def perturb_in_bounds(action: np.ndarray, low, high, noise_std: float, rng: np.random.Generator) -> np.ndarray:
     """Exploration noise for a tanh-bounded C: action float (..., A) in [low, high] -> squash(u + eps), eps ~
-    N(0, noise_std^2) in the units of u (before the tanh, as a tanh-Gaussian policy samples), float32.
+    N(0, noise_std^2) in the units of u (before the tanh, as a tanh-Gaussian policy samples: Haarnoja et al.
+    2018, SAC, appendix C), float32. Raises nothing; noise_std 0 returns the action (up to float rounding).
 
     Why not a + eps clipped to the bounds: an action that rests on a bound (CarRacing's brake at 0) would pick up
     a one-sided mean of 0.4 noise_std (0.04 of brake at 0.1), enough to stop a C that drives on little gas.

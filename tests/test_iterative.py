@@ -120,6 +120,13 @@ def test_iterative_config_errors(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), "iterative.memory_init",
                       "scratch")
+    config = write_config(tmp_path, tmp_path / "run", controller={"kind": "actor_critic"},
+                          iterative={**ITERATIVE, "bootstrap_generations": 2})
+    proc = iterate(config)
+    _, err = proc.communicate(timeout=120)
+    assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", err),
+                      "iterative.bootstrap_generations", "linear")
+    assert not (tmp_path / "run").exists()
     # a resumed run with another config is refused, naming the key
     config = write_config(tmp_path, tmp_path / "run", controller=DREAM_C, iterative=ITERATIVE)
     os.makedirs(tmp_path / "run")
@@ -160,3 +167,39 @@ def test_01_records_the_c_that_evaluate_params_names(tiny_run, tmp_path):
         ckpts, paths = stage01.agent_checkpoints(load_config(config, []))
         assert torch.equal(ckpts["controller"]["state_dict"]["params"], expected)
         assert paths["controller"] == os.path.abspath(path)
+
+
+def _processes_naming(text: str) -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if text in cmdline and not zombie:
+            pids.append(int(pid))
+    return pids
+
+
+def test_a_terminated_driver_stops_its_stage_and_exits(tmp_path):
+    """SIGTERM to the driver alone (what `kill PID` or a scheduler sends): the running stage is terminated
+    and the driver exits with 128 + 15, instead of waiting on a stage that is gone."""
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, run_dir, controller=DREAM_C, iterative=ITERATIVE,
+                          rollouts={"episodes": 40, "max_steps": 1000, "workers": 1})
+    proc = iterate(config)
+    deadline = time.monotonic() + 120
+    while not _processes_naming(f"run_dir={run_dir}") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_naming(f"run_dir={run_dir}"), proc.communicate()[1][-3000:]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    deadline = time.monotonic() + 20
+    while _processes_naming(f"run_dir={run_dir}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_naming(f"run_dir={run_dir}")

@@ -52,8 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (("rollouts", "01_generate_rollouts"), ("vision", "02_train_nvae"), ("latents", "03_encode_latents"),
          ("mdnrnn", "04_train_mdnrnn"), ("controller", "05_train_controller"), ("eval", "06_evaluate"))
 ROUND_FIELDS = ["round", "episodes", "new_episodes", "data_steps", "c_real_steps", "eval_steps", "real_steps_total",
-                "dream_steps",
-                "m_heldout_nll", "prev_m_new_nll", "prev_m_new_reward_corr", "real_mean", "real_std", "real_episodes",
+                "dream_steps", "m_heldout_nll", "prev_m_new_nll", "prev_m_new_reward_corr", "real_mean", "real_std", "real_episodes",
                 "dream_mean", "dream_std", "wall_s", "cpu_s"]
 
 
@@ -119,11 +118,15 @@ def check_iterative_config(cfg: Config) -> None:
     """The procedure trains C in M only.
 
     Raises:
-        UserError: controller.env real with the linear C; a refitted V with a fine-tuned M.
+        UserError: controller.env real with the linear C; a refitted V with a fine-tuned M; a real-env bootstrap
+            (CMA-ES) for the actor-critic.
     """
     if cfg.controller.kind == "linear" and cfg.controller.env != "dream":
         raise UserError("controller.env: iterative training trains C inside M only; set controller.env=dream "
                         "(or controller.kind=actor_critic)")
+    if cfg.iterative.bootstrap_generations and cfg.controller.kind != "linear":
+        raise UserError(f"iterative.bootstrap_generations: the real-env bootstrap trains the linear C with CMA-ES; "
+                        f"controller.kind is {cfg.controller.kind}, so set iterative.bootstrap_generations=0")
     if cfg.iterative.refit_vision and cfg.iterative.memory_init == "previous":
         raise UserError("iterative.memory_init: previous fine-tunes M on the z of the same V; with "
                         "iterative.refit_vision true every round has a new V, so set iterative.memory_init=scratch")
@@ -166,17 +169,19 @@ def run_step(script: str, config_path: str, sets: list[str]) -> None:
     """
     cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--config", config_path, "--set", *sets]
     child = subprocess.Popen(cmd)
+    stopped = []
 
-    def stop(signum, frame):  # a terminated driver stops its stage too (else the stage's lock outlives us)
-        child.terminate()
-        child.wait()
-        raise SystemExit(128 + signum)
+    def stop(signum, frame):  # a terminated driver stops its stage too (else the stage's lock outlives us).
+        stopped.append(signum)  # No child.wait() here: the handler runs inside the wait below, whose lock
+        child.terminate()       # is not re-entrant (waiting here again deadlocked the driver)
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         code = child.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        raise SystemExit(128 + stopped[0])
     if code:
         raise UserError(f"{script} exited with status {code} (its message is above); rerun the same command to "
                         "resume from there")
