@@ -7,7 +7,8 @@ Reads V (<run_dir>/vision/best.pt) and M (<run_dir>/mdnrnn/best.pt), runs
 CMA-ES with a pool of worker processes that each hold an env plus V and M
 (controller.env=real), or with the population stepped as one torch batch
 inside M from the starts of stage 03's latent episodes (controller.env=dream;
-the pool then only re-evaluates the CMA-ES mean in the real env), and writes
+the pool then only re-evaluates the CMA-ES mean in the real env; controller.dream_starts
+anywhere starts the dream mid-episode; controller.init_from starts CMA-ES at a trained C), and writes
 <run_dir>/controller/: controller.pt, history.csv, learning_curve.png,
 cmaes_state.npz (data only) and manifest.json. With controller.kind=actor_critic
 it trains the actor and critic only in M's imagination, from M's filtered states
@@ -22,15 +23,16 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import torch
 
 from models.actor_critic import ActorCritic
 from models.controller import INFO_INPUTS, LinearController
-from utils.checkpoints import load_world_model
+from utils.checkpoints import load_model, load_world_model
 from utils.cli import load_stage_config, open_stage_dir, run_stage, stage_dir, stage_parser
 from utils.cmaes_trainer import ControllerTrainer
 from utils.config import config_to_dict
-from utils.data import check_latents, split_episodes, start_latents
+from utils.data import LatentWindows, check_latents, split_episodes, start_latents
 from utils.envs import info_input_dims, make_env
 from utils.errors import UserError
 from utils.imagination_trainer import ImaginationTrainer
@@ -71,14 +73,24 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(cc.threads)
         files = list_episodes(stage_dir(cfg, "latents"), "latents")
         check_latents(files)
-        dream = (mdnrnn.to(resolve_device(cc.device, "controller.device")), start_latents(files))
+        windows = LatentWindows(files, cfg.memory.seq_len) if cc.dream_starts == "anywhere" else None
+        dream = (mdnrnn.to(resolve_device(cc.device, "controller.device")), start_latents(files), windows)
     controller = LinearController.for_world_model(cc.model_config(), mdnrnn.feature_dim, low, high,
                                                   info_input_dims(cfg.env))
-    trainer = ControllerTrainer(cfg, vision_path, mdnrnn_path, controller, stage_dir(cfg, "controller"), dream)
+    initial = initial_controller(cfg, controller)
+    trainer = ControllerTrainer(cfg, vision_path, mdnrnn_path, controller, stage_dir(cfg, "controller"), dream,
+                                initial)
     state = trainer.load_or_create(args.overwrite)  # a bad resume state stops the stage before anything is written
     check_backend(cfg.backend)
     open_stage_dir(cfg, "controller")
-    where = f"in the dream (tau {cc.temperature:g}, {len(dream[1])} start latents)" if dream else "in the real env"
+    where = "in the real env"
+    if dream and cc.dream_starts == "anywhere":
+        where = (f"in the dream (tau {cc.temperature:g}, starting after real windows of {cfg.memory.seq_len} steps "
+                 f"anywhere in {len(dream[1])} episodes, <= {cc.max_steps or cfg.env.max_episode_steps} steps)")
+    elif dream:
+        where = f"in the dream (tau {cc.temperature:g}, {len(dream[1])} start latents)"
+    if initial:
+        where += f", from the C of {initial[0]}"
     print(f"[05] CMA-ES {where}: C sees {cc.inputs}, {controller.num_params} parameters, population {cc.popsize} x "
           f"{cc.rollouts_per_candidate} rollouts, {cc.generations} generations, {cc.workers} workers")
     start = time.perf_counter()
@@ -108,6 +120,26 @@ def main(argv: list[str] | None = None) -> None:
     if best:
         print(f"[05] best CMA-ES mean at generation {best['generation']}: "
               f"{best['heldout_mean']:.1f} +- {best['heldout_std']:.1f} on {cc.eval_episodes} held-out episodes")
+
+
+def initial_controller(cfg, controller: LinearController) -> tuple[str, np.ndarray] | None:
+    """controller.init_from's (path, params float32 (num_params,)): the C that evaluate.params names in that
+    checkpoint (params_mean for mean), where CMA-ES starts; None when the key is empty.
+
+    Raises:
+        UserError: not a linear controller checkpoint, or one whose inputs or actions differ from this C's.
+    """
+    path = cfg.controller.init_from
+    if not path:
+        return None
+    model, ckpt = load_model(path, "controller")
+    if model.kind != "linear" or model.num_params != controller.num_params or model.inputs != controller.inputs:
+        raise UserError(f"controller.init_from: {path} holds a {model.kind} C with {model.num_params} parameters "
+                        f"({getattr(model, 'inputs', '?')}); this run's linear C has {controller.num_params} "
+                        f"({controller.inputs})")
+    if cfg.evaluate.params == "mean":
+        model.set_params(ckpt["params_mean"])
+    return path, model.get_params()
 
 
 def train_actor_critic(cfg, args, vision_path: str, mdnrnn_path: str, memory, low, high) -> None:

@@ -10,7 +10,11 @@ initial state having observed the z of the first frame of a real episode
 decodes M.latent(state) through V.
 
 `dream_returns` steps many controllers through the dream at once, as one torch
-batch (population x rollouts per candidate), the fast path for CMA-ES.
+batch (population x rollouts per candidate), the fast path for CMA-ES. Its
+episodes start either from first frames, as above, or from M's state after a
+real window (`burn_in`): anywhere in a real episode, so that a short dream
+stays near the data M was fitted to (the start states of Dreamer's imagination,
+Hafner et al. 2020, section 3).
 """
 
 from __future__ import annotations
@@ -101,6 +105,22 @@ class DreamEnv(gym.Env):
 
 
 @torch.no_grad()
+def burn_in(memory, z: torch.Tensor, a: torch.Tensor):
+    """M's state after filtering real windows: z float32 (B, T+1, z_dim) latents and a float32 (B, T, A) the
+    actions between them -> the M state (batch B) after observing z[:, T], on z's device. A dream continued from
+    it starts mid-episode with M's memory of the T steps before."""
+    state = memory.observe(memory.initial_state(len(z)), z[:, 0])
+    for t in range(a.shape[1]):
+        state = memory.observe(memory.transition(state, a[:, t]), z[:, t + 1])
+    return state
+
+
+def repeat_state(state, n: int):
+    """An M state of batch B tiled n times along the batch: row i of the result is row i % B of `state`."""
+    return tuple(part.repeat(n, *([1] * (part.dim() - 1))) for part in state)
+
+
+@torch.no_grad()
 def dream_returns(
     memory,
     params: np.ndarray,
@@ -111,25 +131,30 @@ def dream_returns(
     max_steps: int,
     generator: torch.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Returns of B dream episodes stepped together: row i runs controller params[i] from z = starts[i].
+    """Returns of B dream episodes stepped together: row i runs controller params[i] from starts row i.
 
     memory: a trained M of any kind; params float (B, n_params) of linear controllers, or any C as a callable
-    (features (B, F) -> actions (B, A), e.g. an ActorCritic); starts float (B, z_dim). An episode ends at
+    (features (B, F) -> actions (B, A), e.g. an ActorCritic); starts: float (B, z_dim), the first real latents
+    (M starts having observed them), or an M state of batch B on M's device (e.g. `burn_in`). An episode ends at
     M's done or after max_steps; finished rows stop collecting reward. Returns (returns float64 (B,), episode
     lengths int64 (B,)). With B = 1 and the same generator state this is exactly a DreamEnv
     episode driven by LinearController with params[0]. Runs on M's device; `generator` must be on it too.
     """
     device = next(memory.parameters()).device
-    z = torch.as_tensor(np.asarray(starts, np.float32)).to(device)
+    if isinstance(starts, tuple):
+        state = starts
+    else:
+        z = torch.as_tensor(np.asarray(starts, np.float32)).to(device)
+        state = memory.observe(memory.initial_state(len(z)), z)
     if callable(params):
         policy = params
     else:
         theta = torch.as_tensor(np.asarray(params, np.float32)).to(device)
         policy = lambda x: batched_actions(theta, x, action_low, action_high)  # noqa: E731
-    state = memory.observe(memory.initial_state(len(z)), z)
-    alive = torch.ones(len(z), dtype=torch.bool, device=device)
-    total = torch.zeros(len(z), dtype=torch.float64, device=device)
-    lengths = torch.zeros(len(z), dtype=torch.int64, device=device)
+    batch = len(state[0])
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    total = torch.zeros(batch, dtype=torch.float64, device=device)
+    lengths = torch.zeros(batch, dtype=torch.int64, device=device)
     for _ in range(max_steps):
         a = policy(memory.features(state))
         state = memory.imagine(memory.transition(state, a), temperature, generator)

@@ -42,6 +42,62 @@ def test_resumed_search_asks_exactly_what_an_uninterrupted_one_asks(tmp_path):
     assert np.array_equal(resumed.mean, straight.mean) and resumed.sigma == straight.sigma
 
 
+def test_a_search_started_at_x0_resumes_from_it(tmp_path):
+    x0 = np.linspace(-1, 1, 8)
+    straight = ResumableCMAES(num_params=8, sigma0=1e-3, popsize=6, seed=2, x0=x0)
+    assert np.array_equal(straight.mean, x0)
+    c = straight.ask()
+    assert np.abs(np.array(c) - x0).max() < 0.02  # candidates around x0, not around zero
+    straight.tell(c, fitness(c))
+    path = str(tmp_path / "state.npz")
+    save_search_state(path, straight, {}, None)
+    following = np.array(straight.ask())
+    arrays, _ = load_search_state(path)
+    np.testing.assert_array_equal(arrays["x0"], x0)
+    resumed = ResumableCMAES.restore(8, 1e-3, 6, 2, arrays)
+    assert np.array_equal(np.array(resumed.ask()), following)
+    with pytest.raises(ValueError, match="does not reproduce"):  # the replay needs x0: zeros give another search
+        ResumableCMAES.restore(8, 1e-3, 6, 2, {k: v for k, v in arrays.items() if k != "x0"})
+
+
+def test_stage_05_starts_at_init_from_and_dreams_from_real_windows(tiny_run, tmp_path):
+    """controller.init_from: CMA-ES's mean starts at that C (a tiny sigma0 keeps it there); dream_starts anywhere
+    starts each dream rollout after a real window. A C of another size, or a V checkpoint, is refused before
+    anything is written."""
+    import torch
+
+    from models.controller import LinearController, LinearControllerConfig
+    from utils.checkpoints import load_model, save_model
+
+    first = tiny_run["run_dir"] + "/controller/controller.pt"
+    init, _ = load_model(first, "controller")
+    run_dir = tmp_path / "run"
+    for stage in ("vision", "latents", "mdnrnn"):
+        shutil.copytree(os.path.join(tiny_run["run_dir"], stage), run_dir / stage)
+    dream = {"env": "dream", "dream_starts": "anywhere", "max_steps": 12, "sigma0": 1e-4, "generations": 1,
+             "eval_every": 5, "init_from": first}
+    proc = run_script("05_train_controller", write_config(tmp_path, run_dir, controller=dream))
+    assert_ok(proc)
+    assert "anywhere in 3 episodes, <= 12 steps), from the C of" in proc.stdout
+    rows = list(csv.DictReader(open(run_dir / "controller" / "history.csv")))
+    assert 0 < int(rows[0]["dream_steps"]) <= 4 * 1 * 12
+    _, ckpt = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
+    mean = ckpt["params_mean"].numpy()
+    assert np.abs(mean - init.get_params()).max() < 1e-2 and np.abs(init.get_params()).max() > 0.05
+    other = tmp_path / "other.pt"
+    small = LinearController(LinearControllerConfig(), 5, np.array([-1, 0, 0.0]), np.array([1, 1, 1.0]))
+    save_model(str(other), small)
+    for path, expected in ((str(other), "controller.init_from"),
+                           (tiny_run["run_dir"] + "/vision/best.pt", "expected a controller checkpoint")):
+        fresh = tmp_path / f"fresh_{len(expected)}"
+        for stage in ("vision", "latents", "mdnrnn"):
+            shutil.copytree(os.path.join(tiny_run["run_dir"], stage), fresh / stage)
+        config = write_config(tmp_path, fresh, controller={**dream, "init_from": path})
+        assert_user_error(run_script("05_train_controller", config), expected)
+        assert not (fresh / "controller").exists()
+    assert torch.is_tensor(ckpt["params_mean"])
+
+
 def test_an_edited_state_does_not_replay(tmp_path):
     search = ResumableCMAES(num_params=5, sigma0=0.1, popsize=4, seed=0)
     c = search.ask()

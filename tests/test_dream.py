@@ -6,7 +6,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from models.controller import LinearController, LinearControllerConfig, batched_actions
-from models.dream import DreamEnv, dream_returns
+from models.dream import DreamEnv, burn_in, dream_returns, repeat_state
 from models.mdnrnn import MDNRNN, MDNRNNConfig
 from models.vae import ConvVAE, VAEConfig
 
@@ -84,6 +84,29 @@ def test_batched_rollout_of_a_population():
     state = m.observe(m.initial_state(6), torch.from_numpy(starts[[0, 1, 2, 0, 1, 2]]))
     reward, _ = m.heads(m.transition(state, batched_actions(torch.from_numpy(thetas), m.features(state), LOW, HIGH)))
     np.testing.assert_allclose(one_step, reward.detach().double().numpy(), rtol=1e-6)
+
+
+def test_a_dream_started_after_a_real_window_continues_ms_filtered_state():
+    """burn_in folds a real window into M exactly as M's sequence API does; a window of one frame is the
+    first-frame start; repeat_state tiles rows in the order the population batch expects."""
+    m, starts = tiny_world()
+    rng = np.random.default_rng(3)
+    z = torch.from_numpy(rng.normal(size=(2, 6, 4)).astype(np.float32))
+    a = torch.from_numpy(rng.uniform(0, 1, size=(2, 5, 3)).astype(np.float32))
+    h, c, last_z = burn_in(m, z, a)
+    _, _, _, (h_seq, c_seq) = m(z[:, :5], a)  # the LSTM over [z_t, a_t], t < 5
+    torch.testing.assert_close(h, h_seq[0])
+    torch.testing.assert_close(c, c_seq[0])
+    assert torch.equal(last_z, z[:, 5])
+    thetas = rng.normal(size=(3, 3 * 13)).astype(np.float32)
+    one_frame = burn_in(m, torch.from_numpy(starts[:3, None]), torch.zeros(3, 0, 3))
+    from_window, _ = dream_returns(m, thetas, one_frame, LOW, HIGH, 1.0, 20, torch.Generator().manual_seed(4))
+    from_z, _ = dream_returns(m, thetas, starts[:3], LOW, HIGH, 1.0, 20, torch.Generator().manual_seed(4))
+    np.testing.assert_array_equal(from_window, from_z)
+    mid, _ = dream_returns(m, thetas[:2], (h, c, last_z), LOW, HIGH, 1.0, 20, torch.Generator().manual_seed(4))
+    assert not np.allclose(mid, from_z[:2])  # M's memory of the window changes the dream
+    tiled = repeat_state((h, c, last_z), 3)
+    assert tiled[0].shape == (6, 8) and torch.equal(tiled[0][4], h[0]) and torch.equal(tiled[2][5], last_z[1])
 
 
 def test_dream_speed_benchmark_runs():

@@ -108,6 +108,24 @@ def test_two_rounds_killed_in_round_1_resume_and_report(tiny_run, tmp_path):
     assert list(csv.DictReader(open(run_dir / "rounds.csv"))) == rows
 
 
+def test_later_rounds_can_start_c_at_the_previous_rounds(tmp_path):
+    from utils.config import load_config
+    from utils.errors import UserError
+    from utils.iterative import check_iterative_config, round_overrides
+
+    config = write_config(tmp_path, tmp_path / "run", controller=DREAM_C,
+                          iterative={**ITERATIVE, "controller_init": "previous"})
+    cfg = load_config(config, [])
+    check_iterative_config(cfg)
+    assert not any(s.startswith("controller.init_from") for s in round_overrides(cfg, 0))
+    previous = os.path.join(str(tmp_path / "run"), "round_00", "controller", "controller.pt")
+    assert f"controller.init_from={previous}" in round_overrides(cfg, 1)
+    scratch = load_config(config, ["iterative.controller_init=scratch"])
+    assert not any(s.startswith("controller.init_from") for s in round_overrides(scratch, 1))
+    with pytest.raises(UserError, match="iterative.controller_init"):
+        check_iterative_config(load_config(config, ["controller.kind=actor_critic"]))
+
+
 def test_iterative_config_errors(tmp_path):
     config = write_config(tmp_path, tmp_path / "run", iterative=ITERATIVE)  # TINY trains C in the real env
     proc = iterate(config)

@@ -7,8 +7,12 @@ minus that (cma minimises).
 - controller.env=real: every candidate plays the same tracks (common random
   numbers, so the ranking compares drivers, not tracks) in the worker pool.
 - controller.env=dream: every candidate starts from the same real-episode
-  starts, drawn per generation, and the whole population x rollouts is
-  stepped as one torch batch inside M at temperature tau (utils/dream.py).
+  starts, drawn per generation (first frames, or with controller.dream_starts
+  anywhere M's state after a real window), and the whole population x rollouts
+  is stepped as one torch batch inside M at temperature tau (models/dream.py).
+
+CMA-ES starts at zeros, or at the C of controller.init_from (iterative
+training's controller_init previous).
 
 Every `eval_every` generations, and after the last, the CMA-ES mean is
 re-evaluated on fixed held-out tracks of the real env (in the dream too: that
@@ -20,7 +24,7 @@ generation so a killed run resumes where it stopped), history.csv (one row
 per generation), controller.pt (the checkpoint 06 reads), learning_curve.png.
 
 The resume state is data only (arrays and a JSON string, read with
-allow_pickle=False): the fitness values told to CMA-ES each generation, the
+allow_pickle=False): the initial mean, the fitness values told to CMA-ES each generation, the
 run's history and best parameters. `ResumableCMAES` restores the search by
 replaying those generations through a fresh `cma.CMAEvolutionStrategy` with
 the same seed (ask is deterministic for a seed, tell gets the stored
@@ -41,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from models.controller import LinearController
-from models.dream import dream_returns
+from models.dream import burn_in, dream_returns, repeat_state
 from utils.checkpoints import read_checkpoint, save_model
 from utils.config import Config, config_to_dict
 from utils.episodes import agent_task, expected_episode_s, init_agent_worker
@@ -111,14 +115,16 @@ class ResumableCMAES:
 
     Args:
         num_params: n, the size of a candidate; sigma0: initial step size (> 0); popsize: >= 2; seed: cma's
-            seed (it seeds numpy's global generator, which cma's ask draws from).
+            seed (it seeds numpy's global generator, which cma's ask draws from); x0: the initial mean, float (n,)
+            (None: zeros).
     """
 
-    def __init__(self, num_params: int, sigma0: float, popsize: int, seed: int):
+    def __init__(self, num_params: int, sigma0: float, popsize: int, seed: int, x0: np.ndarray | None = None):
         import cma
 
         self.num_params, self.sigma0, self.popsize, self.seed = num_params, sigma0, popsize, seed
-        self.es = cma.CMAEvolutionStrategy(np.zeros(num_params), sigma0,
+        self.x0 = np.zeros(num_params) if x0 is None else np.asarray(x0, dtype=np.float64).reshape(num_params)
+        self.es = cma.CMAEvolutionStrategy(self.x0.copy(), sigma0,
                                            {"popsize": popsize, "seed": seed, "verbose": -9})
         self.told: list[list[float]] = []  # the values told, one list per generation
 
@@ -142,9 +148,10 @@ class ResumableCMAES:
         return float(self.es.sigma)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The data-only state: told float64 (G, popsize), the mean float64 (n,) and sigma after them."""
+        """The data-only state: the initial mean x0 float64 (n,), told float64 (G, popsize), the mean float64 (n,)
+        and sigma after them."""
         told = np.asarray(self.told, dtype=np.float64).reshape(len(self.told), self.popsize)
-        return {"told": told, "mean": self.mean, "sigma": np.float64(self.sigma)}
+        return {"x0": self.x0, "told": told, "mean": self.mean, "sigma": np.float64(self.sigma)}
 
     @classmethod
     def restore(cls, num_params: int, sigma0: float, popsize: int, seed: int, arrays: dict) -> "ResumableCMAES":
@@ -155,7 +162,7 @@ class ResumableCMAES:
             ValueError: the replay does not reach the stored mean and sigma (another cma version, or a state
                 that was edited).
         """
-        search = cls(num_params, sigma0, popsize, seed)
+        search = cls(num_params, sigma0, popsize, seed, arrays.get("x0"))  # states before x0 was saved: zeros
         for values in np.asarray(arrays["told"], dtype=np.float64):
             search.tell(search.ask(), values.tolist())
         if not (np.array_equal(search.mean, arrays["mean"]) and search.sigma == float(arrays["sigma"])):
@@ -165,6 +172,7 @@ class ResumableCMAES:
 
 
 STATE_ARRAYS = ("told", "mean", "sigma", "best_params", "meta")
+OPTIONAL_STATE_ARRAYS = ("x0",)  # absent from states written before controller.init_from existed
 
 
 def save_search_state(path: str, search: ResumableCMAES, meta: dict, best_params: np.ndarray | None) -> None:
@@ -185,7 +193,7 @@ def load_search_state(path: str) -> tuple[dict, dict]:
             if missing:
                 raise UserError(f"{path}: not a CMA-ES state of this project (missing {missing}); pass --overwrite "
                                 "to start over")
-            arrays = {k: data[k] for k in STATE_ARRAYS}
+            arrays = {k: data[k] for k in STATE_ARRAYS + OPTIONAL_STATE_ARRAYS if k in data.files}
         meta = json.loads(str(arrays.pop("meta")))
     except UserError:
         raise
@@ -200,24 +208,32 @@ def load_search_state(path: str) -> tuple[dict, dict]:
 class ControllerTrainer:
     """Runs (or resumes) CMA-ES for `cfg.controller.generations` generations.
 
-    With controller.env=dream, `dream` = (M, start z float32 (N, z_dim)) is required.
+    With controller.env=dream, `dream` = (M, start z float32 (N, z_dim), windows) is required; windows (a
+    utils.data.LatentWindows over the same episodes) gives the starts of controller.dream_starts anywhere, else
+    None. `initial` = (path, params float (num_params,)) of controller.init_from starts CMA-ES there (None:
+    zeros); a resumed run must have the same file.
     """
 
     def __init__(self, cfg: Config, vision_path: str, mdnrnn_path: str, controller: LinearController,
-                 out_dir: str, dream: tuple | None = None):
+                 out_dir: str, dream: tuple | None = None, initial: tuple | None = None):
         self.cfg, self.out_dir = cfg, out_dir
         if cfg.controller.env == "dream" and dream is None:
             raise ValueError("controller.env=dream needs M and the start latents")
+        if dream is not None and cfg.controller.dream_starts == "anywhere" and dream[2] is None:
+            raise ValueError("controller.dream_starts=anywhere needs the latent windows")
         self.dream = dream
         self.paths = {"vision": os.path.abspath(vision_path), "mdnrnn": os.path.abspath(mdnrnn_path)}
-        self.input_sha256 = {k: file_sha256(p) for k, p in self.paths.items()}
+        checked = {**self.paths, **({"init_from": os.path.abspath(initial[0])} if initial else {})}
+        self.input_sha256 = {k: file_sha256(p) for k, p in checked.items()}
+        self.checked_paths = checked
+        self.x0 = None if initial is None else np.asarray(initial[1], dtype=np.float64)
         self.controller = controller
         self.state_path = os.path.join(out_dir, "cmaes_state.npz")
 
     def _search(self, arrays: dict | None = None) -> ResumableCMAES:
         cc = self.cfg.controller
         args = (self.controller.num_params, cc.sigma0, cc.popsize, self.cfg.seed + 1)
-        return ResumableCMAES(*args) if arrays is None else ResumableCMAES.restore(*args, arrays)
+        return ResumableCMAES(*args, self.x0) if arrays is None else ResumableCMAES.restore(*args, arrays)
 
     def _new_state(self) -> dict:
         return {"search": self._search(), "generation": 0, "history": [], "best": None, "elapsed_s": 0.0}
@@ -241,7 +257,8 @@ class ControllerTrainer:
         if meta.get("input_sha256") != self.input_sha256:
             changed = [k for k in self.input_sha256 if (meta.get("input_sha256") or {}).get(k) != self.input_sha256[k]]
             raise UserError(f"{self.state_path}: saved for another {' and '.join(changed)} checkpoint "
-                            f"({', '.join(self.paths[k] for k in changed)} changed since); pass --overwrite to start over")
+                            f"({', '.join(self.checked_paths.get(k, 'none') for k in changed)} changed since); pass "
+                            "--overwrite to start over")
         try:
             search = self._search(arrays)
         except ValueError as exc:
@@ -284,14 +301,22 @@ class ControllerTrainer:
     def _dream_fitness(self, candidates, generation: int) -> tuple[np.ndarray, dict]:
         """All candidates x rollouts in one batched dream rollout, from the same starts per generation."""
         cfg, cc = self.cfg, self.cfg.controller
-        mdnrnn, starts = self.dream
+        mdnrnn, start_z, windows = self.dream
         rng = np.random.default_rng([cfg.seed, generation])
-        picked = starts[rng.integers(len(starts), size=cc.rollouts_per_candidate)]
         r = cc.rollouts_per_candidate
+        if cc.dream_starts == "anywhere":  # M's state after a real window ending anywhere in an episode
+            pairs = windows.windows(rng)
+            picked = windows.batch([pairs[i] for i in rng.integers(len(pairs), size=r)])
+            device = next(mdnrnn.parameters()).device
+            state = burn_in(mdnrnn, torch.from_numpy(picked["mu"]).to(device),
+                            torch.from_numpy(picked["actions"]).to(device))
+            starts = repeat_state(state, len(candidates))
+        else:  # M after the first frame of a real episode (Ha & Schmidhuber)
+            starts = np.tile(start_z[rng.integers(len(start_z), size=r)], (len(candidates), 1))
         params = np.repeat(np.asarray(candidates, dtype=np.float32), r, axis=0)  # row c * r + j
         generator = torch.Generator(next(mdnrnn.parameters()).device).manual_seed(int(rng.integers(2**62)))
         returns, lengths = dream_returns(
-            mdnrnn, params, np.tile(picked, (len(candidates), 1)), self.controller.low, self.controller.high,
+            mdnrnn, params, starts, self.controller.low, self.controller.high,
             cc.temperature, cc.max_steps or cfg.env.max_episode_steps, generator,
         )
         return returns.reshape(len(candidates), r).mean(axis=1), {"env_steps": 0, "dream_steps": int(lengths.sum())}

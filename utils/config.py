@@ -153,6 +153,12 @@ class ControllerConfig(LinearControllerConfig):
     env: str = param("real", "where C trains: real (the env itself) | dream (inside M; the held-out "
                      "re-evaluations stay real)", choices=("real", "dream"))
     temperature: float = param(1.0, "tau of M's sampling in the dream (Ha & Schmidhuber section 4.5)", above=0)
+    dream_starts: str = param("reset", "env dream (CMA-ES): where dream episodes start: reset (M after the first "
+                              "frame of a real episode, Ha & Schmidhuber) | anywhere (M after a real window of "
+                              "memory.seq_len steps ending anywhere in an episode: pair it with a short max_steps)",
+                              choices=("reset", "anywhere"))
+    init_from: str = param("", "linear C: a controller.pt whose C (the one evaluate.params names) is CMA-ES's "
+                           "initial mean; empty: zeros")
     popsize: int = param(16, "CMA-ES population (cma needs at least 2)", minimum=2)
     rollouts_per_candidate: int = param(2, "fitness = mean return over this many episodes", minimum=1)
     generations: int = param(100, "CMA-ES generations", minimum=1)
@@ -209,6 +215,9 @@ class IterativeConfig:
     memory_init: str = param("previous", "M in later rounds: previous (fine-tune the previous round's M for "
                              "memory_epochs) | scratch (train anew for memory.epochs)", choices=("previous", "scratch"))
     memory_epochs: int = param(5, "memory_init previous: epochs of fine-tuning per later round", minimum=1)
+    controller_init: str = param("scratch", "C in later rounds: scratch (CMA-ES from zeros) | previous (CMA-ES "
+                                 "from the previous round's C, via controller.init_from)",
+                                 choices=("scratch", "previous"))
     eval_episodes: int = param(20, "held-out real episodes of each round's stage 06 (the last round plays "
                                "evaluate.episodes)", minimum=1)
     bootstrap_generations: int = param(0, "round 0's C: 0 trains it in the dream like every round; N > 0 trains it N "

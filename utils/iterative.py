@@ -84,6 +84,8 @@ def round_overrides(cfg: Config, k: int) -> list[str]:
              f"rollouts.controller={os.path.join(prev, 'controller', 'controller.pt')}"]
     if it.memory_init == "previous":
         sets += [f"memory.init_from={os.path.join(prev, 'mdnrnn', 'best.pt')}", f"memory.epochs={it.memory_epochs}"]
+    if it.controller_init == "previous":
+        sets.append(f"controller.init_from={os.path.join(prev, 'controller', 'controller.pt')}")
     return sets
 
 
@@ -119,11 +121,14 @@ def check_iterative_config(cfg: Config) -> None:
 
     Raises:
         UserError: controller.env real with the linear C; a refitted V with a fine-tuned M; a real-env bootstrap
-            (CMA-ES) for the actor-critic.
+            (CMA-ES) or a C started from the previous round's for the actor-critic.
     """
     if cfg.controller.kind == "linear" and cfg.controller.env != "dream":
         raise UserError("controller.env: iterative training trains C inside M only; set controller.env=dream "
                         "(or controller.kind=actor_critic)")
+    if cfg.iterative.controller_init == "previous" and cfg.controller.kind != "linear":
+        raise UserError(f"iterative.controller_init: previous starts CMA-ES at the previous round's linear C; "
+                        f"controller.kind is {cfg.controller.kind}, so set iterative.controller_init=scratch")
     if cfg.iterative.bootstrap_generations and cfg.controller.kind != "linear":
         raise UserError(f"iterative.bootstrap_generations: the real-env bootstrap trains the linear C with CMA-ES; "
                         f"controller.kind is {cfg.controller.kind}, so set iterative.bootstrap_generations=0")
