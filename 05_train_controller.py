@@ -117,7 +117,12 @@ def main(argv: list[str] | None = None) -> None:
             "worker_restarts": history[-1]["worker_restarts"] if history else 0,
         },
     )
-    if best:
+    final = next((r for r in reversed(history) if r.get("heldout_mean") not in (None, "")), None)
+    if cfg.evaluate.params == "mean" and final:  # the C that 06 and 01 use: the final mean, never picked
+        print(f"[05] final CMA-ES mean (evaluate.params: mean) at generation {final['generation']}: "
+              f"{float(final['heldout_mean']):.1f} +- {float(final['heldout_std']):.1f} on {cc.eval_episodes} "
+              "held-out episodes (logged only)")
+    elif best:
         print(f"[05] best CMA-ES mean at generation {best['generation']}: "
               f"{best['heldout_mean']:.1f} +- {best['heldout_std']:.1f} on {cc.eval_episodes} held-out episodes")
 

@@ -70,20 +70,23 @@ def test_stage_05_starts_at_init_from_and_dreams_from_real_windows(tiny_run, tmp
     from utils.checkpoints import load_model, save_model
 
     first = tiny_run["run_dir"] + "/controller/controller.pt"
-    init, _ = load_model(first, "controller")
+    _, first_ckpt = load_model(first, "controller")
+    start = first_ckpt["params_mean"].numpy()  # evaluate.params mean: the C that init_from takes
     run_dir = tmp_path / "run"
     for stage in ("vision", "latents", "mdnrnn"):
         shutil.copytree(os.path.join(tiny_run["run_dir"], stage), run_dir / stage)
     dream = {"env": "dream", "dream_starts": "anywhere", "max_steps": 12, "sigma0": 1e-4, "generations": 1,
              "eval_every": 5, "init_from": first}
-    proc = run_script("05_train_controller", write_config(tmp_path, run_dir, controller=dream))
+    proc = run_script("05_train_controller", write_config(tmp_path, run_dir, controller=dream,
+                                                          evaluate={"params": "mean"}))
     assert_ok(proc)
     assert "anywhere in 3 episodes, <= 12 steps), from the C of" in proc.stdout
+    assert "final CMA-ES mean (evaluate.params: mean) at generation 1:" in proc.stdout
     rows = list(csv.DictReader(open(run_dir / "controller" / "history.csv")))
     assert 0 < int(rows[0]["dream_steps"]) <= 4 * 1 * 12
     _, ckpt = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
     mean = ckpt["params_mean"].numpy()
-    assert np.abs(mean - init.get_params()).max() < 1e-2 and np.abs(init.get_params()).max() > 0.05
+    assert np.abs(mean - start).max() < 1e-2 and np.abs(start).max() > 0.05
     other = tmp_path / "other.pt"
     small = LinearController(LinearControllerConfig(), 5, np.array([-1, 0, 0.0]), np.array([1, 1, 1.0]))
     save_model(str(other), small)

@@ -216,3 +216,57 @@ def test_proprio_inputs_need_a_real_panda_env(tmp_path):
     proc = run_script("05_train_controller", config, "--set", "controller.inputs=z_h_proprio", "controller.env=dream")
     assert_user_error(proc, "controller.inputs", "controller.env=dream")
     assert not os.path.exists(tmp_path / "run")
+
+
+def marker_in_view(env) -> bool:
+    """Whether any pixel of the rendered view belongs to the goal sphere (pybullet's segmentation mask, the
+    env's own camera): the marker is in front of the arm and the table."""
+    base = env.unwrapped
+    client = base.sim.physics_client
+    view = client.computeViewMatrixFromYawPitchRoll(cameraTargetPosition=base.render_target_position,
+                                                    distance=base.render_distance, yaw=base.render_yaw,
+                                                    pitch=base.render_pitch, roll=base.render_roll, upAxisIndex=2)
+    projection = client.computeProjectionMatrixFOV(fov=60, aspect=1.0, nearVal=0.1, farVal=100.0)
+    seg = client.getCameraImage(base.render_width, base.render_height, view, projection, shadow=False)[4]
+    return bool((np.asarray(seg).reshape(base.render_height, base.render_width) == base.sim._bodies_idx["target"]).any())
+
+
+def test_the_projects_reach_draws_the_marker_it_is_told_and_changes_nothing_else(panda_env):
+    """PandaReachMarkerJoints-v3 at radius 0.02 with shadows is panda-gym's PandaReachJoints-v3 pixel for pixel
+    (same goals, rewards, successes); at 0.05 the marker is several times larger and shows in every frame where
+    the segmentation mask says it is in view, with or without shadows."""
+    ours = make_env(EnvConfig(**{**PANDA_ENV, "id": "PandaReachMarkerJoints-v3"}))
+    action = np.linspace(-0.5, 0.5, 7, dtype=np.float32)
+    for seed in (0, 1):
+        theirs_frame, theirs_info = panda_env.reset(seed=seed)
+        frame, info = ours.reset(seed=seed)
+        assert np.array_equal(frame, theirs_frame) and np.array_equal(info["desired_goal"], theirs_info["desired_goal"])
+        for _ in range(3):
+            theirs_step, our_step = panda_env.step(action), ours.step(action)
+            assert np.array_equal(our_step[0], theirs_step[0]) and our_step[1:3] == theirs_step[1:3]
+            assert our_step[4]["is_success"] == theirs_step[4]["is_success"]
+    assert ours.unwrapped.task.distance_threshold == 0.05 and ours.spec.max_episode_steps == 50
+    ours.close()
+    counts = {}
+    for radius, shadows in ((0.02, True), (0.05, True), (0.05, False)):
+        env = make_env(EnvConfig(**{**PANDA_ENV, "id": "PandaReachMarkerJoints-v3", "goal_radius": radius,
+                                    "render_shadows": shadows}))
+        counts[radius, shadows] = []
+        for i in range(6):
+            frame, _ = env.reset(seed=3_000_000_000 + i)  # evaluation goals
+            pixels = int(goal_marker_mask(frame).sum())
+            counts[radius, shadows].append(pixels)
+            if radius == 0.05:
+                assert (pixels > 0) == marker_in_view(env), f"goal {i}: marker pixels {pixels}"
+        env.close()
+    assert np.median(counts[0.05, True]) > 3 * np.median(counts[0.02, True])
+    assert min(counts[0.05, False]) >= 20  # about 38 px at 64x64 for these goals, shadows or not
+
+
+def test_the_marker_keys_need_the_projects_ids(tmp_path):
+    config = write_config(tmp_path, tmp_path / "run", **TINY_PANDA)
+    proc = run_script("01_generate_rollouts", config, "--set", "env.goal_radius=0.05")
+    assert_user_error(proc, "env.goal_radius", "PandaReachMarkerJoints-v3")
+    proc = run_script("01_generate_rollouts", config, "--set", "env.render_shadows=false")
+    assert_user_error(proc, "env.render_shadows")
+    assert not os.path.exists(tmp_path / "run")

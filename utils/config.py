@@ -58,6 +58,10 @@ class EnvConfig:
     camera_target_x: float = param(-0.1, "PandaReach camera target x (m), in the robot base frame")
     camera_target_y: float = param(0.0, "PandaReach camera target y (m)")
     camera_target_z: float = param(0.1, "PandaReach camera target z (m)")
+    goal_radius: float = param(0.02, "PandaReachMarker* ids (utils/panda_tasks.py): radius (m) of the goal marker, "
+                               "visual only (panda-gym draws 0.02; 0.05 equals the success threshold)", above=0)
+    render_shadows: bool = param(True, "PandaReachMarker* ids: draw shadows (panda-gym always does; without is "
+                                 "about twice as fast)")
 
 
 ROLLOUT_POLICIES = ("brownian", "uniform", "controller")

@@ -7,10 +7,11 @@ agent) receives uint8 (S, S, 3) frames with S = env.frame_size:
 - CarRacing-v3: the env's own (96, 96, 3) observation, optionally without the
   12-row dashboard at the bottom (Ha & Schmidhuber crop it; it shows speed,
   which a controller can use, so we keep it by default).
-- PandaReach (panda-gym, e.g. PandaReachJoints-v3): `PandaPixels` replaces the
-  state dict by `env.render()` from the camera of the env config (84x84 as in
-  the thesis) and moves the joint angles (`proprio`) and `desired_goal` into
-  `info`.
+- PandaReach (panda-gym, e.g. PandaReachJoints-v3, or the project's
+  PandaReachMarkerJoints-v3 of utils/panda_tasks.py, whose goal marker radius
+  and shadows the config sets): `PandaPixels` replaces the state dict by
+  `env.render()` from the camera of the env config (84x84 as in the thesis)
+  and moves the joint angles (`proprio`) and `desired_goal` into `info`.
 
 `PreprocessFrame` then resizes the frame to V's input, uint8 (S, S, 3)
 (`preprocess_frame`, bilinear).
@@ -47,7 +48,8 @@ def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = 
     for policies that do not look, such as the random baseline).
 
     Raises:
-        UserError: the id is not a registered gymnasium (or panda-gym) env, or panda-gym is not installed.
+        UserError: the id is not a registered gymnasium (or panda-gym) env, panda-gym is not installed, or
+            env.goal_radius / env.render_shadows changed for one of panda-gym's own ids.
     """
     kwargs = {"max_episode_steps": env_cfg.max_episode_steps}
     if is_panda(env_cfg.id):
@@ -56,6 +58,15 @@ def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = 
         except ImportError as exc:
             raise UserError(f"env.id: {env_cfg.id} needs panda-gym ({exc}); install requirements.txt") from None
 
+        from utils.panda_tasks import MARKER_ENV_IDS, PANDA_GYM_GOAL_RADIUS, register_marker_envs
+
+        if env_cfg.id in MARKER_ENV_IDS:
+            register_marker_envs()
+            kwargs |= {"goal_radius": env_cfg.goal_radius, "shadows": env_cfg.render_shadows}
+        elif env_cfg.goal_radius != PANDA_GYM_GOAL_RADIUS or not env_cfg.render_shadows:
+            key = "env.goal_radius" if env_cfg.goal_radius != PANDA_GYM_GOAL_RADIUS else "env.render_shadows"
+            raise UserError(f"{key}: panda-gym's {env_cfg.id} draws a goal of radius {PANDA_GYM_GOAL_RADIUS} m with "
+                            f"shadows; use the project's ids ({', '.join(MARKER_ENV_IDS)}) to change it")
         kwargs |= {
             "render_width": env_cfg.render_size, "render_height": env_cfg.render_size,
             "render_distance": env_cfg.camera_distance, "render_yaw": env_cfg.camera_yaw,
