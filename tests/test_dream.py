@@ -241,3 +241,39 @@ def test_temperature_sweep_trains_and_scores_each_tau(tiny_run, tmp_path):
     real = write_config(tmp_path, tmp_path / "sweep", controller={"env": "real"})
     assert_user_error(subprocess.run(cmd[:3] + [real] + cmd[4:], cwd=ROOT, capture_output=True, text=True, timeout=60),
                       "controller.env must be dream")
+
+
+def test_dream_exploits_replays_the_cmaes_means_and_plays_c(tiny_run):
+    """benchmarks/dream_exploits.py: the replayed generation-g mean is the one stage 05 re-evaluated (the
+    final one is controller.pt's params_mean), each M's dream scores it, and C's real behaviour is printed."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, assert_ok, assert_user_error
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from dream_exploits import cmaes_means
+
+    from utils.checkpoints import load_model
+
+    run = tiny_run["run_dir"]
+    means, meta = cmaes_means(os.path.join(run, "controller", "cmaes_state.npz"))
+    _, ckpt = load_model(os.path.join(run, "controller", "controller.pt"), "controller")
+    assert len(means) == 3 and np.allclose(means[-1], ckpt["params_mean"].numpy(), atol=1e-6)
+    assert np.abs(means[0]).max() == 0 and np.abs(means[2] - means[1]).max() > 0
+    other = os.path.join(run, "mdnrnn", "best.pt")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "dream_exploits.py"), "--config",
+                           tiny_run["config"], "--other-mdnrnn", other, "--every", "1", "--episodes", "2",
+                           "--tracks", "1", "--steps", "6"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert_ok(proc)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r.split("|")[1]) for r in rows] == [0, 1, 2]
+    held = next(r for r in meta["history"] if r.get("heldout_mean") is not None)
+    assert rows[held["generation"]].rstrip().endswith(f"{held['heldout_mean']:.1f} +- {held['heldout_std']:.1f} |")
+    cells = rows[2].split("|")[2:4]
+    assert cells[0] == cells[1]  # the same M given twice: the same seeded dream
+    assert "track 0: 6 steps, return" in proc.stdout and "gas" in proc.stdout
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "dream_exploits.py"), "--config",
+                          tiny_run["config"], "--every", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_user_error(bad, "--every")
