@@ -38,6 +38,9 @@ def test_defaults_and_shipped_configs_load():
     boot = load_config("configs/carracing_iterative_vae_boot.yaml")  # round 0's C bootstrapped in the real env
     assert (boot.iterative.bootstrap_generations, boot.evaluate.params, boot.run_dir) == (
         15, "mean", "runs/carracing_iterative_vae_boot")
+    explore = load_config("configs/carracing_iterative_vae_explore.yaml")  # _boot with more exploration noise
+    assert (explore.iterative.bootstrap_generations, explore.rollouts.action_noise, explore.run_dir) == (
+        15, 0.3, "runs/carracing_iterative_vae_explore")
     nvae = load_config(["configs/panda_reach_nvae.yaml", "configs/blocks/panda_rssm_ac.yaml"])
     assert (nvae.vision.kind, nvae.memory.kind, nvae.memory.hidden, nvae.controller.updates) == ("nvae", "rssm", 128,
                                                                                                   1000)
