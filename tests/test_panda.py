@@ -61,6 +61,11 @@ def test_recorded_episode_holds_proprio_and_goal(panda_env):
     assert np.abs(np.diff(episode["proprio"], axis=0)).max() > 1e-3  # the joints move with the actions
     assert episode["desired_goal"].shape == (T, 3)
     assert np.ptp(episode["desired_goal"], axis=0).max() == 0  # one goal per episode
+    ee = episode["achieved_goal"]  # the end effector, in m: it moves with the joints
+    assert ee.shape == (T, 3) and ee.dtype == np.float32 and np.ptp(ee, axis=0).max() > 1e-3
+    _, info = panda_env.reset(seed=3)
+    np.testing.assert_allclose(info["achieved_goal"], panda_env.unwrapped.robot.get_ee_position(), atol=1e-6)
+    np.testing.assert_allclose(ee[0], info["achieved_goal"])  # the recorded first frame's state
 
 
 def test_controller_with_proprio_inputs():

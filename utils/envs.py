@@ -115,8 +115,10 @@ class PandaPixels(gym.Wrapper):
     """A panda-gym env seen from pixels: the observation is `env.render()`, uint8 (R, R, 3).
 
     `info` of reset and step gains `proprio`, float32 (7,), the joint angles in
-    rad, and `desired_goal`, float32 (3,), the goal position in m, both of the
-    state the returned frame shows. `info["is_success"]` (the end effector
+    rad, `desired_goal`, float32 (3,), the goal position in m, and
+    `achieved_goal`, float32 (3,), the end effector's position in m, all of the
+    state the returned frame shows (labels for V's position heads; C never
+    reads achieved_goal or, at test time, desired_goal). `info["is_success"]` (the end effector
     within 0.05 m of the goal) comes from panda-gym's step, which also
     terminates the episode on success.
     """
@@ -129,7 +131,8 @@ class PandaPixels(gym.Wrapper):
     def _info(self, obs: dict, info: dict) -> dict:
         robot = self.env.unwrapped.robot
         proprio = np.array([robot.get_joint_angle(i) for i in range(PANDA_JOINTS)], dtype=np.float32)
-        return {**info, "proprio": proprio, "desired_goal": np.asarray(obs["desired_goal"], dtype=np.float32)}
+        return {**info, "proprio": proprio, "desired_goal": np.asarray(obs["desired_goal"], dtype=np.float32),
+                "achieved_goal": np.asarray(obs["achieved_goal"], dtype=np.float32)}
 
     def _frame(self) -> np.ndarray:
         return np.ascontiguousarray(self.env.render()[..., :3], dtype=np.uint8)

@@ -32,7 +32,7 @@ from utils.config import EnvConfig, RolloutsConfig
 from utils.envs import info_input_dims, make_env
 from utils.io import npz_bytes
 
-EPISODE_EXTRAS = ("proprio", "desired_goal")  # per-step info of task envs, saved in the rollout npz
+EPISODE_EXTRAS = ("proprio", "desired_goal", "achieved_goal")  # per-step info of task envs, saved in the rollout npz
 
 
 class RandomPolicy:
@@ -102,7 +102,8 @@ def run_episode(env, policy, seed: int, max_steps: int = 0, early_stop_steps: in
     With record=True, `arrays` holds the rollout npz contract: obs uint8 (T, S, S, 3), the frame seen *before*
     actions[t]; actions float32 (T, A), as played; rewards float32 (T,) received for actions[t]; terminated,
     truncated bool (T,); seed int64; and the task extras the env puts in info (PandaReach: proprio float32
-    (T, 7) joint angles in rad, desired_goal float32 (T, 3) in m), of the same state as obs.
+    (T, 7) joint angles in rad, desired_goal float32 (T, 3) and achieved_goal float32 (T, 3), the goal's and the
+    end effector's positions in m), of the same state as obs.
     """
     obs, info = env.reset(seed=seed)
     env.action_space.seed(seed)
