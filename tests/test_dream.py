@@ -243,7 +243,7 @@ def test_temperature_sweep_trains_and_scores_each_tau(tiny_run, tmp_path):
                       "controller.env must be dream")
 
 
-def test_dream_exploits_replays_the_cmaes_means_and_plays_c(tiny_run):
+def test_dream_exploits_replays_the_cmaes_means_and_plays_c(tiny_run, tmp_path):
     """benchmarks/dream_exploits.py: the replayed generation-g mean is the one stage 05 re-evaluated (the
     final one is controller.pt's params_mean), each M's dream scores it, and C's real behaviour is printed."""
     import os
@@ -265,8 +265,12 @@ def test_dream_exploits_replays_the_cmaes_means_and_plays_c(tiny_run):
     other = os.path.join(run, "mdnrnn", "best.pt")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "dream_exploits.py"), "--config",
                            tiny_run["config"], "--other-mdnrnn", other, "--every", "1", "--episodes", "2",
-                           "--tracks", "1", "--steps", "6"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--tracks", "1", "--steps", "6", "--write-generation", "1", str(tmp_path / "g1.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert_ok(proc)
+    _, g1 = load_model(str(tmp_path / "g1.pt"), "controller")
+    np.testing.assert_array_equal(g1["params_mean"].numpy(), means[1].astype(np.float32))
+    assert g1["generation"] == 1 and g1["inputs"] == ckpt["inputs"]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(r.split("|")[1]) for r in rows] == [0, 1, 2]
     held = next(r for r in meta["history"] if r.get("heldout_mean") is not None)
