@@ -275,3 +275,18 @@ def test_the_marker_keys_need_the_projects_ids(tmp_path):
     proc = run_script("01_generate_rollouts", config, "--set", "env.render_shadows=false")
     assert_user_error(proc, "env.render_shadows")
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_the_marker_benchmark_measures_each_setting(tmp_path):
+    config = write_config(tmp_path, tmp_path / "run", **TINY_PANDA)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "panda_marker.py"), "--config", config,
+                           "--goals", "2", "--radii", "0.05"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 0.05 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["on", "off"]
+    assert all(float(r.split("|")[5]) > 0 and r.split("|")[4].strip() == "100%" for r in rows)
+    assert "PandaReachMarkerJoints-v3" in proc.stdout and not os.path.exists(tmp_path / "run")
+    car = write_config(tmp_path, tmp_path / "car")
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "panda_marker.py"), "--config", car],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_user_error(bad, "env.id", "PandaReach")
