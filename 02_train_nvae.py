@@ -16,7 +16,7 @@ import time
 
 from utils.cli import load_stage_config, open_stage_dir, run_stage, stage_dir, stage_parser
 from utils.config import config_to_dict
-from utils.data import check_rollouts, split_episodes
+from utils.data import check_position_labels, check_rollouts, split_episodes
 from utils.errors import UserError
 from utils.io import list_episodes, write_manifest
 from utils.seeding import seed_everything
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     train, held = split_episodes(files, cfg.vision.holdout_fraction, cfg.seed)
     if not held:
         raise UserError(f"{rollouts}: need at least 2 episodes to hold one out (found {len(files)})")
+    if cfg.vision.position_heads:
+        check_position_labels(files)
     model = build_model("vision", cfg.vision.kind, cfg.vision.model_config(), frame_size=cfg.env.frame_size)
     device = resolve_device(cfg.vision.device)
     out_dir = open_stage_dir(cfg, "vision")
@@ -48,7 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         time.perf_counter() - start,
         {"epochs": len(history), "best_epoch": best["epoch"], **{k: v for k, v in best.items() if k.startswith("val_")}},
     )
-    print(f"[02] best held-out epoch {best['epoch']}: neg_elbo {best['val_neg_elbo']:.1f} nats, mse {best['val_mse']:.5f}")
+    print(f"[02] best held-out epoch {best['epoch']}: neg_elbo {best['val_neg_elbo']:.1f} nats, mse {best['val_mse']:.5f}"
+          + (f", position heads: goal {best['val_goal_cm']:.1f} cm, gripper {best['val_gripper_cm']:.1f} cm"
+             if "val_goal_cm" in best else ""))
 
 
 if __name__ == "__main__":

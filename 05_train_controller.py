@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from models.actor_critic import ActorCritic
-from models.controller import INFO_INPUTS, LinearController
-from utils.checkpoints import load_model, load_world_model
+from models.controller import INPUTS, LinearController, needed_info
+from utils.checkpoints import check_reads_vision, load_model, load_world_model
 from utils.cli import load_stage_config, open_stage_dir, run_stage, stage_dir, stage_parser
 from utils.cmaes_trainer import ControllerTrainer
 from utils.config import config_to_dict
@@ -52,16 +52,19 @@ def main(argv: list[str] | None = None) -> None:
     vision_path = args.vision or os.path.join(stage_dir(cfg, "vision"), "best.pt")
     mdnrnn_path = args.mdnrnn or os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt")
     cc = cfg.controller
-    needs = INFO_INPUTS[cc.inputs]
+    needs = needed_info(cc.inputs)
     if needs and (cc.env == "dream" or not set(needs) <= set(info_input_dims(cfg.env))):
         raise UserError(f"controller.inputs: {cc.inputs} needs the real env of a task that gives {', '.join(needs)} "
                         f"(PandaReach); got controller.env={cc.env}, env.id={cfg.env.id}")
+    if INPUTS[cc.inputs].offset == "vision" and cc.env == "dream":
+        raise UserError(f"controller.inputs: {cc.inputs} is trained in the real env only for now (controller.env=real)")
     if cc.kind == "actor_critic" and cc.inputs != "z_h":
         raise UserError(f"controller.inputs: the actor-critic reads M's features only (z_h), got {cc.inputs}")
     if cc.kind == "actor_critic" and not cc.actor_critic.min_std < cc.actor_critic.max_std:
         raise UserError(f"controller.actor_critic.min_std ({cc.actor_critic.min_std}) must be below "
                         f"controller.actor_critic.max_std ({cc.actor_critic.max_std})")
     vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim, cfg.memory.kind)
+    check_reads_vision(cc.inputs, vision, vision_path)
     env = make_env(cfg.env)
     low, high = env.action_space.low, env.action_space.high
     env.close()

@@ -113,8 +113,10 @@ class ActorCritic(nn.Module):
     # what the agent and the episode workers read from any C (models/agent.py, utils/episodes.py)
     inputs = "z_h"
     info_keys: tuple[str, ...] = ()
+    reads_positions = False
+    features_only = True
 
-    def info_vector(self, info: dict) -> None:
+    def extra_inputs(self, info: dict, positions=None) -> None:
         """None: the actor reads M's features only."""
         return None
 

@@ -9,8 +9,9 @@ A frame's path from the env to an action, all in models/:
     -> C(M.features(state) (+ info inputs)) (controller.py)   action float32 (1, A) within the env's bounds
     -> M.transition(state, action)          the state for the next frame
 
-On PandaReach, C may also read info["proprio"] (the 7 joint angles) and, as an
-upper bound, info["desired_goal"] (controller.inputs).
+On PandaReach, C may also read info["proprio"] (the 7 joint angles), V's
+position heads on z (goal minus gripper) and, as an upper bound, the goal from
+the state (controller.inputs).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class Agent:
         vision: a trained V (encode: float32 (B, 3, S, S) -> mu, logvar (B, z_dim)).
         memory: a trained M with the interface of models/__init__.py (initial_state, observe, features,
             transition).
-        controller: C (features, extra) -> action (B, A) in the env's bounds; `info_vector(info)` gives extra.
+        controller: C (features, extra) -> action (B, A) in the env's bounds; `extra_inputs(info, positions)`
+            gives extra, positions being V.positions(z) when C `reads_positions`.
     """
 
     def __init__(self, vision, memory, controller):
@@ -52,7 +54,8 @@ class Agent:
         """
         z, _ = self.vision.encode(frames_to_tensor(frame[None]))  # (1, D): the posterior mean
         self.state = self.memory.observe(self.state, z)
-        action = self.controller(self.memory.features(self.state), self.controller.info_vector(info or {}))
+        positions = self.vision.positions(z) if self.controller.reads_positions else None  # (1, 2, 3), m
+        action = self.controller(self.memory.features(self.state), self.controller.extra_inputs(info or {}, positions))
         if noise_std > 0:
             action = torch.from_numpy(perturb_in_bounds(action.numpy(), self.controller.low, self.controller.high,
                                                         noise_std, rng))

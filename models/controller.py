@@ -12,6 +12,15 @@ vector q_t (the 7 joint angles, rad): a_t = squash(W [z_t, h_t, q_t] + b).
 z_h_proprio_goal adds the goal position g (3,) from the env's state as well:
 not the thesis's setting (the goal should come from the pixels) but the
 upper bound of what a linear C can learn on a given budget.
+
+Inputs in the units a linear C can use (PandaReach; shared/guide/panda.md: on
+[q - q0, 10 (g - ee)] a linear C reaches 100 % where on [q, g] it stays near
+20 %):
+- offset_proprio: [(g^ - e^) / 10 cm, q - q0], with g^ and e^ V's position
+  heads' goal and gripper read from z_t (pixels), q0 the arm's neutral pose;
+- offset: [(g^ - e^) / 10 cm] alone (pixels only);
+- state_offset_proprio: [(g - ee) / 10 cm, q - q0] with g and ee from the
+  env's state: the upper bound of the two above.
 """
 
 from __future__ import annotations
@@ -23,8 +32,48 @@ import torch
 
 from models.hparams import param
 
-# controller.inputs -> the env info entries C reads besides z and h, in this order
-INFO_INPUTS = {"z_h": (), "z_h_proprio": ("proprio",), "z_h_proprio_goal": ("proprio", "desired_goal")}
+POSITION_UNIT = 0.1  # m: C reads goal-minus-gripper offsets in 10 cm units
+
+
+@dataclass(frozen=True)
+class ControllerInputs:
+    """What C reads, in this order: M's features ([z, h] for the MDN-RNN) if `features`; the goal-minus-gripper
+    offset / POSITION_UNIT if `offset` is "vision" (V's position heads on z) or "state" (the env info's
+    desired_goal and achieved_goal); then the env info entries `info` (utils.envs.info_input_dims)."""
+
+    features: bool
+    info: tuple[str, ...] = ()
+    offset: str | None = None
+
+
+INPUTS = {
+    "z_h": ControllerInputs(True),
+    "z_h_proprio": ControllerInputs(True, ("proprio",)),
+    "z_h_proprio_goal": ControllerInputs(True, ("proprio", "desired_goal")),
+    "offset_proprio": ControllerInputs(False, ("proprio_centred",), "vision"),
+    "offset": ControllerInputs(False, (), "vision"),
+    "state_offset_proprio": ControllerInputs(False, ("proprio_centred",), "state"),
+}
+OFFSET_INFO = {"vision": (), "state": ("desired_goal", "achieved_goal"), None: ()}  # the info an offset reads
+
+
+def needed_info(inputs: str) -> tuple[str, ...]:
+    """The env info entries C of `inputs` reads (its own and those of its offset)."""
+    spec = INPUTS[inputs]
+    return OFFSET_INFO[spec.offset] + spec.info
+
+
+def input_dim(inputs: str, feature_dim: int, info_dims: dict[str, int]) -> int:
+    """The size of C's input x for `inputs`, M's `feature_dim` and the env's info entry sizes.
+
+    Raises:
+        ValueError: `inputs` names an info entry the env does not give (e.g. proprio on CarRacing).
+    """
+    spec = INPUTS[inputs]
+    missing = [key for key in needed_info(inputs) if key not in info_dims]
+    if missing:
+        raise ValueError(f"controller inputs {inputs} need info[{missing[0]!r}], which this env does not give")
+    return feature_dim * spec.features + 3 * (spec.offset is not None) + sum(info_dims[k] for k in spec.info)
 
 
 def squash_to_bounds(u, low, high):
@@ -89,11 +138,14 @@ class LinearControllerConfig:
 
     inputs: str = param("z_h", "what C sees: z_h (M's features: [z, h] for the MDN-RNN, [h, s] for the RSSM; "
                         "pixels only) | z_h_proprio (+ the joint angles; PandaReach) | z_h_proprio_goal (+ the goal "
-                        "position from the state: an upper bound, not from pixels)", choices=tuple(INFO_INPUTS))
+                        "position from the state: an upper bound, not from pixels) | offset_proprio ((goal - gripper) "
+                        "/ 10 cm from V's position heads, joint angles minus the neutral pose) | offset (the offset "
+                        "alone: pixels only) | state_offset_proprio (the offset from the state: the upper bound)",
+                        choices=tuple(INPUTS))
 
 
 class LinearController:
-    """a = squash(W x + b) with x = [M's features, info entries of INFO_INPUTS[inputs]] float32 (B, in_dim) -> a
+    """a = squash(W x + b) with x = the inputs of INPUTS[inputs] (`ControllerInputs`) float32 (B, in_dim) -> a
     float32 (B, A) in bounds; the features are [z, h] for the MDN-RNN and [h, s] for the RSSM.
 
     Args:
@@ -110,8 +162,8 @@ class LinearController:
     def __init__(self, config: LinearControllerConfig | None = None, in_dim: int = 1, action_low=(-1.0,),
                  action_high=(1.0,)):
         config = config or LinearControllerConfig()
-        if config.inputs not in INFO_INPUTS:
-            raise ValueError(f"controller inputs must be one of {tuple(INFO_INPUTS)}, got {config.inputs!r}")
+        if config.inputs not in INPUTS:
+            raise ValueError(f"controller inputs must be one of {tuple(INPUTS)}, got {config.inputs!r}")
         self.config, self.in_dim, self.inputs = config, int(in_dim), config.inputs
         self.low = np.asarray(action_low, dtype=np.float32)
         self.high = np.asarray(action_high, dtype=np.float32)
@@ -128,13 +180,9 @@ class LinearController:
         Raises:
             ValueError: `inputs` names an entry the env does not give (e.g. proprio on CarRacing).
         """
-        info_dims = info_dims or {}
-        missing = [key for key in INFO_INPUTS.get(config.inputs, ()) if key not in info_dims]
-        if missing:
-            raise ValueError(f"controller inputs {config.inputs} need info[{missing[0]!r}], which this env does "
-                             "not give")
-        extra = sum(info_dims[key] for key in INFO_INPUTS.get(config.inputs, ()))
-        return cls(config, feature_dim + extra, action_low, action_high)
+        if config.inputs not in INPUTS:
+            raise ValueError(f"controller inputs must be one of {tuple(INPUTS)}, got {config.inputs!r}")
+        return cls(config, input_dim(config.inputs, feature_dim, info_dims or {}), action_low, action_high)
 
     def sizes(self) -> dict:
         """The sizes V, M and the env fixed (stored beside the config in a checkpoint)."""
@@ -142,14 +190,35 @@ class LinearController:
 
     @property
     def info_keys(self) -> tuple[str, ...]:
-        """The env info entries C reads besides z and h (empty for z_h)."""
-        return INFO_INPUTS[self.inputs]
+        """The env info entries C reads (empty for z_h): C acts only in a real env that gives them."""
+        return needed_info(self.inputs)
 
-    def info_vector(self, info: dict) -> torch.Tensor | None:
-        """(1, E) float32 concatenation of info[key] for `info_keys`, or None for z_h."""
-        if not self.info_keys:
-            return None
-        return torch.from_numpy(np.concatenate([np.asarray(info[k], dtype=np.float32) for k in self.info_keys]))[None]
+    @property
+    def features_only(self) -> bool:
+        """True when C reads M's features and nothing else (z_h): the only C that can act in M's dream."""
+        return INPUTS[self.inputs] == ControllerInputs(True)
+
+    @property
+    def reads_positions(self) -> bool:
+        """True when C reads V's position heads (the agent then passes them to `extra_inputs`)."""
+        return INPUTS[self.inputs].offset == "vision"
+
+    def extra_inputs(self, info: dict, positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """C's inputs besides M's features, float32 (1, E), or None for z_h: the offset (ControllerInputs), then
+        info[key] for the spec's info entries.
+
+        info: the env info of the frame's step; positions: V.positions(z) float32 (1, 2, 3) (goal, gripper, m),
+        needed when `reads_positions`.
+        """
+        spec = INPUTS[self.inputs]
+        parts = []
+        if spec.offset == "vision":
+            parts.append((positions[:, 0] - positions[:, 1]).float() / POSITION_UNIT)
+        elif spec.offset == "state":
+            goal, gripper = (np.asarray(info[k], dtype=np.float32) for k in ("desired_goal", "achieved_goal"))
+            parts.append(torch.from_numpy((goal - gripper) / POSITION_UNIT)[None])
+        parts += [torch.from_numpy(np.asarray(info[k], dtype=np.float32))[None] for k in spec.info]
+        return torch.cat(parts, dim=-1) if parts else None
 
     @property
     def num_params(self) -> int:
@@ -179,9 +248,10 @@ class LinearController:
         return self
 
     def __call__(self, features: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """M's features (B, F) ([z, h] for the MDN-RNN) and, for inputs beyond z_h, extra (B, E) = `info_vector`,
-        float32 -> action (B, A)."""
-        x = features if extra is None else torch.cat([features, extra.to(features.dtype)], dim=-1)  # (B, in_dim)
+        """M's features (B, F) ([z, h] for the MDN-RNN; ignored by inputs that do not read them) and, for inputs
+        beyond z_h, extra (B, E) = `extra_inputs`, float32 -> action (B, A)."""
+        parts = ([features] if INPUTS[self.inputs].features else []) + ([] if extra is None else [extra.to(features.dtype)])
+        x = torch.cat(parts, dim=-1)  # (B, in_dim)
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"controller ({self.inputs}) takes {self.in_dim} inputs, got {x.shape[-1]}")
         w, b = split_params(self.params, self.action_dim, self.in_dim)

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from models.hparams import param
 from models.likelihood import output_channels, pixel_mean, reconstruction_nll
-from models.vae import VAEConfig, gaussian_kl
+from models.vae import PositionHeads, VAEConfig, add_position_terms, gaussian_kl, read_positions
 
 BN_MOMENTUM = 0.05
 RESIDUAL_SCALE = 0.1
@@ -298,6 +298,7 @@ class NVAE(nn.Module):
             "group_sizes", torch.tensor([lc * (top * 2 ** (latent_scales - 1 - s)) ** 2 for s in self.group_scale], dtype=torch.float32)
         )
         self._spectral_u: dict[str, torch.Tensor] = {}
+        self.position_heads = PositionHeads(z_dim) if config.position_heads else None  # models/vae.py
 
     def sizes(self) -> dict:
         """The sizes the data fixed (stored beside the config in a checkpoint)."""
@@ -383,6 +384,14 @@ class NVAE(nn.Module):
         h, _ = self._top_down(None, z_top, temperature, len(z))
         return self._pixels(h)
 
+    def positions(self, z: torch.Tensor) -> torch.Tensor:
+        """z float32 (B, z_dim) (the top group) -> the position heads' goal and gripper float32 (B, 2, 3), m.
+
+        Raises:
+            ValueError: an NVAE trained without position heads.
+        """
+        return read_positions(self, z)
+
     def sample_prior(self, n: int, temperature: float = 1.0) -> torch.Tensor:
         """n frames with every group (the top one too) drawn from the prior at `temperature`."""
         z = temperature * torch.randn(n, self.z_dim, device=self.h0.device)
@@ -400,34 +409,44 @@ class NVAE(nn.Module):
         return self._pixels(h)
 
     # ------------------------------------------------------------------ objective
-    def loss(self, x: torch.Tensor, kl_coeff: float = 1.0, kl_balance: bool = False) -> dict[str, torch.Tensor]:
+    def loss(self, x: torch.Tensor, kl_coeff: float = 1.0, kl_balance: bool = False,
+             positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms for x float32 (B, 3, S, S) in [0, 1]; scalars averaged over the batch, nats/image.
 
         `recon` = -log p(x | z), `kl` = sum over groups of KL(q || p), `neg_elbo` = recon + kl,
         `loss` = recon + kl_coeff * (balanced) KL, with the top group's KL floored at its free
-        nats (module docstring): the objective of the warm-up phase.
+        nats (module docstring): the objective of the warm-up phase. With position heads and positions float32
+        (B, 2, 3) (the recorded goal and gripper, m), `loss` adds their NLL, read from a sample of the top
+        group's posterior (models.vae.position_terms).
         """
-        h, kls = self._top_down(self._encoder_features(x), None, 1.0, len(x))
+        feats = self._encoder_features(x)
+        h, kls = self._top_down(feats, None, 1.0, len(x))
         recon = reconstruction_nll(x, self.to_pixels(h), self.likelihood, self.obs_std)  # (B,)
         kl_groups = torch.stack([k.flatten(1).sum(1) for k in kls], dim=1)  # (B, n_groups)
         kl = kl_groups.sum(1)
         kl_train = free_nats_top(kl_groups, self.top_kl_floor)
         kl_term = kl_balance_term(kl_train, self.group_sizes) if (kl_balance and kl_coeff < 1.0) else kl_train.sum(1)
-        return {
+        terms = {
             "loss": (recon + kl_coeff * kl_term).mean(),
             "recon": recon.mean(),
             "kl": kl.mean(),
             "neg_elbo": (recon + kl).mean(),
             **{f"kl_group{k}": kl_groups[:, k].mean() for k in range(self.n_groups)},
         }
+        if self.position_heads is None or positions is None:
+            return terms
+        mu, logsig = self.posterior[0](feats[0]).chunk(2, dim=1)  # the top group's posterior, as in encode
+        mu, sig = mu.flatten(1), torch.exp(soft_clamp(logsig)).flatten(1)
+        return add_position_terms(self, terms, mu + sig * torch.randn_like(mu), mu, positions)
 
-    def objective(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+    def objective(self, x: torch.Tensor, progress: float, positions: torch.Tensor | None = None
+                  ) -> dict[str, torch.Tensor]:
         """The training loss of one batch at `progress` in [0, 1] of training: `loss` with KL warm-up and
         balancing (config.nvae) plus spectral_lambda times the regulariser (`reg`), beside `loss`'s terms
-        and the warm-up's `kl_coeff`."""
+        and the warm-up's `kl_coeff`; positions as in `loss`."""
         n = self.config.nvae
         kl_coeff = kl_warmup_coeff(progress, n.kl_warmup_fraction)
-        terms = self.loss(x, kl_coeff=kl_coeff, kl_balance=n.kl_balance)
+        terms = self.loss(x, kl_coeff=kl_coeff, kl_balance=n.kl_balance, positions=positions)
         terms["reg"] = self.regularization()
         terms["loss"] = terms["loss"] + n.spectral_lambda * terms["reg"]
         terms["kl_coeff"] = torch.tensor(kl_coeff)

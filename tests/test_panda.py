@@ -1,4 +1,5 @@
-"""PandaReach from pixels with joint control: frames, recorded extras, the proprio controller, 01-06 end to end."""
+"""PandaReach from pixels with joint control: frames, recorded extras, C's inputs (joint angles, V's position heads),
+the project's goal marker, 01-06 end to end."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from utils.checkpoints import load_model
 from utils.config import EnvConfig, load_config
 from utils.envs import goal_marker_mask, make_env
 from utils.episodes import RandomPolicy, run_episode
+from utils.report import INPUT_NAMES
 
 PANDA_ENV = {"id": "PandaReachJoints-v3", "frame_size": 64, "max_episode_steps": 50, "render_size": 84}
 PANDA_HOME_POSE = np.array([0.0, 0.41, 0.0, -1.85, 0.0, 2.26, 0.79], dtype=np.float32)  # panda-gym's neutral joints
@@ -65,6 +67,8 @@ def test_recorded_episode_holds_proprio_and_goal(panda_env):
     assert ee.shape == (T, 3) and ee.dtype == np.float32 and np.ptp(ee, axis=0).max() > 1e-3
     _, info = panda_env.reset(seed=3)
     np.testing.assert_allclose(info["achieved_goal"], panda_env.unwrapped.robot.get_ee_position(), atol=1e-6)
+    np.testing.assert_allclose(info["proprio_centred"], info["proprio"] - PANDA_HOME_POSE, atol=1e-6)  # q - q0, rad
+    assert np.abs(info["proprio_centred"]).max() < 0.01  # every episode starts at the neutral pose
     np.testing.assert_allclose(ee[0], info["achieved_goal"])  # the recorded first frame's state
 
 
@@ -88,18 +92,90 @@ def test_controller_with_proprio_inputs():
     again = LinearController(c.config, **c.sizes())
     assert again.inputs == "z_h_proprio" and again.in_dim == 31
     info = {"proprio": np.arange(7, dtype=np.float32), "desired_goal": np.array([7, 8, 9], dtype=np.float32)}
-    torch.testing.assert_close(c.info_vector(info), torch.arange(7.0)[None])
+    torch.testing.assert_close(c.extra_inputs(info), torch.arange(7.0)[None])
     goal = LinearController.for_world_model(LinearControllerConfig("z_h_proprio_goal"), 8 + 16, low, high,
                                             {"proprio": 7, "desired_goal": 3})
     assert goal.in_dim == 8 + 16 + 10
-    torch.testing.assert_close(goal.info_vector(info), torch.arange(10.0)[None])  # proprio, then the goal
-    assert LinearController(LinearControllerConfig(), 32, low, high).info_vector(info) is None
+    torch.testing.assert_close(goal.extra_inputs(info), torch.arange(10.0)[None])  # proprio, then the goal
+    assert LinearController(LinearControllerConfig(), 32, low, high).extra_inputs(info) is None
     with pytest.raises(ValueError, match="need info\\['proprio'\\]"):
         LinearController.for_world_model(LinearControllerConfig("z_h_proprio"), 8 + 16, low, high, {})
 
 
+PANDA_INFO_DIMS = {"proprio": 7, "proprio_centred": 7, "desired_goal": 3, "achieved_goal": 3}
+
+
+def test_offset_inputs_read_the_goal_minus_the_gripper_in_10_cm_units():
+    """offset_proprio: [(g^ - e^) / 0.1 m from V's position heads, q - q0]; offset: the offset alone;
+    state_offset_proprio: the offset from the env's state. None of them reads M's features."""
+    low, high = -np.ones(7), np.ones(7)
+    make = lambda inputs, dims=PANDA_INFO_DIMS: LinearController.for_world_model(  # noqa: E731
+        LinearControllerConfig(inputs), 8 + 16, low, high, dims)
+    c = make("offset_proprio")
+    assert c.in_dim == 3 + 7 and c.num_params == 7 * 11 and c.reads_positions and not c.features_only
+    positions = torch.tensor([[[0.1, -0.05, 0.2], [0.0, 0.0, 0.25]]])  # goal, gripper (m)
+    info = {"proprio_centred": np.arange(7, dtype=np.float32), "desired_goal": np.array([0.3, 0, 0], np.float32),
+            "achieved_goal": np.zeros(3, np.float32)}
+    torch.testing.assert_close(c.extra_inputs(info, positions), torch.tensor([[1.0, -0.5, -0.5, *range(7)]]))
+    c.set_params(np.random.default_rng(0).normal(size=c.num_params))
+    extra = c.extra_inputs(info, positions)
+    torch.testing.assert_close(c(torch.randn(1, 24), extra), c(torch.randn(1, 24), extra))  # features unread
+    w, b = c.params[:70].reshape(7, 10), c.params[70:]
+    torch.testing.assert_close(c(torch.zeros(1, 24), extra), torch.tanh(extra @ w.T + b))  # joint bounds [-1, 1]
+    pixels = make("offset")
+    assert pixels.in_dim == 3 and pixels.info_keys == ()
+    torch.testing.assert_close(pixels.extra_inputs({}, positions), torch.tensor([[1.0, -0.5, -0.5]]))
+    state = make("state_offset_proprio")
+    assert state.in_dim == 10 and not state.reads_positions
+    assert state.info_keys == ("desired_goal", "achieved_goal", "proprio_centred")
+    torch.testing.assert_close(state.extra_inputs(info), torch.tensor([[3.0, 0.0, 0.0, *range(7)]]))
+    assert make("z_h").features_only and not make("z_h_proprio").features_only
+    with pytest.raises(ValueError, match="need info\\['proprio_centred'\\]"):
+        make("offset_proprio", {"proprio": 7})
+
+
+def test_position_heads_loss_is_the_gaussian_nll_of_the_recorded_positions():
+    """Both V kinds: `positions` = -log N(target; heads(z), std^2) summed over the 6 coordinates (against
+    torch.distributions), added to `loss`; goal_cm and gripper_cm read from mu; a V without heads ignores
+    positions and refuses `positions(z)`."""
+    import dataclasses
+
+    from models.hparams import config_from_dict
+    from models.nvae import NVAE, NVAEConfig
+    from models.vae import ConvVAE, VAEConfig, position_nll
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 64, 64)
+    target = torch.rand(4, 2, 3) * 0.3
+    keys = {f.name for f in dataclasses.fields(NVAEConfig)}
+    nvae_config = config_from_dict(NVAEConfig, {**{k: v for k, v in NVAE_TINY.items() if k in keys},
+                                                "position_heads": True, "position_std": 0.02})
+    for vision in (ConvVAE(VAEConfig(z_dim=8, position_heads=True, position_std=0.02)), NVAE(nvae_config)):
+        vision.eval()
+        mu, _ = vision.encode(x)
+        predicted = vision.positions(mu)
+        assert predicted.shape == (4, 2, 3) and predicted.dtype == torch.float32
+        torch.manual_seed(1)
+        with_heads = vision.loss(x, positions=target)
+        torch.manual_seed(1)
+        without = vision.loss(x)
+        assert set(with_heads) - set(without) == {"positions", "goal_cm", "gripper_cm"}
+        torch.testing.assert_close(with_heads["loss"] - without["loss"], with_heads["positions"])
+        errors = 100 * (predicted - target).norm(dim=-1).mean(0)
+        torch.testing.assert_close(torch.stack([with_heads["goal_cm"], with_heads["gripper_cm"]]), errors)
+        # the NLL term, for z = mu exactly (position_nll is what `positions` averages, on a sampled z)
+        expected = -torch.distributions.Normal(predicted, 0.02).log_prob(target).flatten(1).sum(1)
+        torch.testing.assert_close(position_nll(predicted, target, 0.02), expected)
+        assert with_heads["positions"].requires_grad
+    plain = ConvVAE(VAEConfig(z_dim=8))
+    assert set(plain.loss(x, positions=target)) == {"loss", "recon", "kl", "neg_elbo"}
+    with pytest.raises(ValueError, match="no position heads"):
+        plain.positions(torch.zeros(1, 8))
+
+
 TINY_PANDA = {
-    "env": PANDA_ENV,
+    "env": {**PANDA_ENV, "id": "PandaReachMarkerJoints-v3", "goal_radius": 0.05, "render_shadows": False},
+    "vision": {"position_heads": True},
     "rollouts": {"episodes": 3, "max_steps": 12, "policy": "uniform", "workers": 2},
     "memory": {"seq_len": 6},
     "controller": {"popsize": 4, "rollouts_per_candidate": 1, "generations": 1, "max_steps": 8,
@@ -110,7 +186,8 @@ TINY_PANDA = {
 
 @pytest.fixture(scope="module")
 def panda_run(tmp_path_factory):
-    """Stages 01-06 on PandaReachJoints-v3 with a tiny budget, C on pixels only."""
+    """Stages 01-06 on the project's PandaReachMarkerJoints-v3 (marker radius 0.05, no shadows) with a tiny budget,
+    V with position heads, C on pixels only ([z, h])."""
     folder = tmp_path_factory.mktemp("panda")
     config = write_config(folder, folder / "run", **TINY_PANDA)
     outputs = {}
@@ -128,7 +205,7 @@ def test_stages_end_to_end_on_panda_reach(panda_run):
     c, ckpt = load_model(os.path.join(run_dir, "controller", "controller.pt"), "controller")
     assert ckpt["config"]["inputs"] == "z_h" and c.num_params == 7 * (8 + 16 + 1)
     scores = json.load(open(os.path.join(run_dir, "eval", "scores.json")))
-    assert scores["env"] == "PandaReachJoints-v3" and scores["episodes"] == 3
+    assert scores["env"] == "PandaReachMarkerJoints-v3" and scores["episodes"] == 3
     assert len(scores["successes"]) == 3 and scores["success_rate"] == np.mean(scores["successes"])
     assert all(-10 <= r <= 0 for r in scores["returns"])  # sparse reward: -1 per step until success, <= 10 steps
     assert f"success rate: {100 * scores['success_rate']:.0f} %" in panda_run["outputs"]["06_evaluate"].stdout
@@ -143,23 +220,54 @@ def test_stages_end_to_end_on_panda_reach(panda_run):
     vision, _ = load_model(vision_path, "vision")
     assert marker == goal_marker_visibility(vision, held_out_frames(cfg, vision_path, 512))
     assert "goal marker" in report
+    heads = scores["position_heads"]  # V's position heads on the held-out episode's frames, in cm
+    assert heads["frames"] == 12 and all(np.isfinite(heads[k]) and heads[k] > 0 for k in ("goal_cm", "gripper_cm"))
+    assert f"goal {heads['goal_cm']:.1f} cm" in panda_run["outputs"]["06_evaluate"].stdout
+    log = [json.loads(line) for line in open(os.path.join(run_dir, "vision", "train_log.jsonl"))]
+    assert {"positions", "goal_cm", "val_positions", "val_goal_cm", "val_gripper_cm"} <= set(log[-1])
 
 
-def test_proprio_controller_end_to_end_and_table_3(panda_run):
-    """05 and 06 with controller.inputs=z_h_proprio on the same V and M, then the random baseline and
-    the comparison report's Table 3."""
-    run_dir = os.path.join(panda_run["folder"], "proprio")
+def test_offset_controller_needs_a_v_with_position_heads(panda_run, tmp_path):
+    """05 with controller.inputs=offset_proprio beside a V without position heads stops before writing anything."""
+    plain = tmp_path / "no_heads"
+    os.makedirs(plain / "vision")
+    vision = torch.load(os.path.join(panda_run["run_dir"], "vision", "best.pt"), weights_only=True)
+    vision["config"]["position_heads"] = False
+    vision["state_dict"] = {k: v for k, v in vision["state_dict"].items() if not k.startswith("position_heads")}
+    torch.save(vision, plain / "vision" / "best.pt")
+    proc = run_script("05_train_controller", panda_run["config"], "--set", "controller.inputs=offset_proprio",
+                      f"run_dir={plain}", "--mdnrnn", os.path.join(panda_run["run_dir"], "mdnrnn", "best.pt"))
+    assert_user_error(proc, "controller.inputs", "no_heads/vision/best.pt", "position_heads")
+    assert sorted(os.listdir(plain)) == ["vision"]
+
+
+def test_position_heads_need_position_labels(tiny_run, tmp_path):
+    """02 with vision.position_heads on rollouts without achieved_goal (CarRacing's) stops before training."""
+    os.makedirs(tmp_path / "car")
+    shutil.copytree(os.path.join(tiny_run["run_dir"], "rollouts"), tmp_path / "car" / "rollouts",
+                    copy_function=os.link)
+    proc = run_script("02_train_nvae", tiny_run["config"], "--set", "vision.position_heads=true",
+                      f"run_dir={tmp_path / 'car'}")
+    assert_user_error(proc, "episode_00000.npz", "desired_goal and achieved_goal")
+    assert not os.path.exists(tmp_path / "car" / "vision")
+
+
+def test_offset_controller_end_to_end_and_table_3(panda_run):
+    """05 and 06 with controller.inputs=offset_proprio (V's position heads and the joint angles) on the same V and
+    M: C has 7 x (3 + 7 + 1) parameters; then the random baseline and the comparison report's Table 3. (The
+    joint angles alone, z_h_proprio, go through the same info path: test_controller_with_proprio_inputs.)"""
+    run_dir = os.path.join(panda_run["folder"], "offset")
     os.makedirs(run_dir)
     for stage in ("rollouts", "vision", "latents", "mdnrnn"):
         shutil.copytree(os.path.join(panda_run["run_dir"], stage), os.path.join(run_dir, stage))
     config = panda_run["config"]
-    overrides = ["--set", "controller.inputs=z_h_proprio", f"run_dir={run_dir}"]
+    overrides = ["--set", "controller.inputs=offset_proprio", f"run_dir={run_dir}"]
     assert_ok(run_script("05_train_controller", config, *overrides))
     c, ckpt = load_model(os.path.join(run_dir, "controller", "controller.pt"), "controller")
-    assert ckpt["config"]["inputs"] == "z_h_proprio" and c.num_params == 7 * (8 + 16 + 7 + 1)
+    assert ckpt["config"]["inputs"] == "offset_proprio" and c.num_params == 7 * (3 + 7 + 1)
     assert_ok(run_script("06_evaluate", config, *overrides))
     scores = json.load(open(os.path.join(run_dir, "eval", "scores.json")))
-    assert scores["inputs"] == "z_h_proprio" and "success_rate" in scores and "dream" not in scores
+    assert scores["inputs"] == "offset_proprio" and "success_rate" in scores and "dream" not in scores
 
     proc = subprocess.run([sys.executable, "benchmarks/random_policy.py", "--config", config, "--episodes", "20"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -178,7 +286,7 @@ def test_proprio_controller_end_to_end_and_table_3(panda_run):
     pixels = json.load(open(os.path.join(panda_run["run_dir"], "eval", "scores.json")))
     assert rows[0][2:6] == ["pixels: [z, h]", f"{100 * pixels['success_rate']:.0f} % (3)",
                             f"{pixels['mean']:.1f} +- {pixels['std']:.1f}", f"{100 * random['success_rate']:.0f} % (20)"]
-    assert rows[1][2:6] == ["pixels + joint angles: [z, h, q]", f"{100 * scores['success_rate']:.0f} % (3)",
+    assert rows[1][2:6] == [INPUT_NAMES["offset_proprio"], f"{100 * scores['success_rate']:.0f} % (3)",
                             f"{scores['mean']:.1f} +- {scores['std']:.1f}", "-"]  # no random-policy file there
     assert rows[0][6] == rows[1][6] == "-"  # the thesis has no conv VAE number for Panda
 
@@ -200,7 +308,7 @@ def test_new_memory_kinds_and_the_actor_critic_on_panda_reach(panda_run, tmp_pat
         shutil.copytree(os.path.join(panda_run["run_dir"], stage), run_dir / stage)
     sections = {**TINY_PANDA, "memory": memory, "controller": AC_TINY}
     if vision:
-        sections["vision"] = vision
+        sections["vision"] = {**vision, "position_heads": True}  # the NVAE's heads, trained by 02
     config = write_config(tmp_path, run_dir, **sections)
     for stage in STAGES[1 if vision else 3:]:
         assert_ok(run_script(stage, config))
@@ -208,7 +316,7 @@ def test_new_memory_kinds_and_the_actor_critic_on_panda_reach(panda_run, tmp_pat
     c, _ = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
     assert m.kind == memory["kind"] and c.kind == "actor_critic" and c.action_dim == 7
     scores = json.load(open(run_dir / "eval" / "scores.json"))
-    assert scores["env"] == "PandaReachJoints-v3" and scores["episodes"] == 3 and scores["inputs"] == "z_h"
+    assert scores["env"] == "PandaReachMarkerJoints-v3" and scores["episodes"] == 3 and scores["inputs"] == "z_h"
     assert scores["success_rate"] == np.mean(scores["successes"]) and np.isfinite(scores["mean"])
 
 
@@ -269,7 +377,7 @@ def test_the_projects_reach_draws_the_marker_it_is_told_and_changes_nothing_else
 
 
 def test_the_marker_keys_need_the_projects_ids(tmp_path):
-    config = write_config(tmp_path, tmp_path / "run", **TINY_PANDA)
+    config = write_config(tmp_path, tmp_path / "run", **{**TINY_PANDA, "env": PANDA_ENV})  # panda-gym's own id
     proc = run_script("01_generate_rollouts", config, "--set", "env.goal_radius=0.05")
     assert_user_error(proc, "env.goal_radius", "PandaReachMarkerJoints-v3")
     proc = run_script("01_generate_rollouts", config, "--set", "env.render_shadows=false")

@@ -15,6 +15,7 @@ import os
 import torch
 
 from models import FAMILIES, checkpoint_dict, from_checkpoint_dict
+from models.controller import INPUTS
 from utils.errors import UserError
 from utils.io import save_torch
 
@@ -88,3 +89,14 @@ def load_world_model(vision_path: str, mdnrnn_path: str, z_dim: int | None = Non
     if z_dim is not None and vision.z_dim != z_dim:
         raise UserError(f"{vision_path}: checkpoint has z_dim={vision.z_dim} but key 'vision.z_dim' is {z_dim}")
     return vision, mdnrnn
+
+
+def check_reads_vision(controller_inputs: str, vision, vision_path: str) -> None:
+    """Refuse a C whose inputs read V's position heads (models.controller.INPUTS) beside a V without them.
+
+    Raises:
+        UserError: naming the inputs and the V checkpoint.
+    """
+    if INPUTS[controller_inputs].offset == "vision" and getattr(vision, "position_heads", None) is None:
+        raise UserError(f"controller.inputs: {controller_inputs} reads V's position heads, but {vision_path} has none "
+                        "(train V with vision.position_heads: true)")

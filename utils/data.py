@@ -42,35 +42,80 @@ def split_episodes(files: list[str], holdout_fraction: float, seed: int) -> tupl
     return train, held
 
 
-def iterate_frame_batches(
-    files: list[str], batch_size: int, chunk_episodes: int, rng: np.random.Generator
-) -> Iterator[np.ndarray]:
-    """Yield shuffled uint8 (B, S, S, 3) batches covering every frame of `files` once.
+POSITION_KEYS = ("desired_goal", "achieved_goal")  # rollout arrays (T, 3), m: the labels of V's position heads
+
+
+def iterate_step_batches(
+    files: list[str], keys: tuple[str, ...], batch_size: int, chunk_episodes: int, rng: np.random.Generator
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield shuffled batches {key: array (B, ...)} of the per-step arrays `keys` covering every step of `files`
+    once (the rows of one batch are the same steps in every key).
 
     Episodes are visited in random order, `chunk_episodes` at a time held in
-    memory, and frames are shuffled within a chunk, so memory stays bounded
+    memory, and steps are shuffled within a chunk, so memory stays bounded
     however many rollouts there are. The last, smaller batch of a chunk is kept.
     """
     order = rng.permutation(len(files))
     for start in range(0, len(files), chunk_episodes):
-        chunk = [files[i] for i in order[start : start + chunk_episodes]]
-        frames = np.concatenate([load_episode(f, ("obs",))["obs"] for f in chunk])
-        perm = rng.permutation(len(frames))
-        for b in range(0, len(frames), batch_size):
-            yield frames[perm[b : b + batch_size]]
+        episodes = [load_episode(files[i], keys) for i in order[start : start + chunk_episodes]]
+        arrays = {k: np.concatenate([e[k] for e in episodes]) for k in keys}
+        perm = rng.permutation(len(arrays[keys[0]]))
+        for b in range(0, len(perm), batch_size):
+            rows = perm[b : b + batch_size]
+            yield {k: v[rows] for k, v in arrays.items()}
+
+
+def iterate_frame_batches(
+    files: list[str], batch_size: int, chunk_episodes: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """Yield shuffled uint8 (B, S, S, 3) batches covering every frame of `files` once (`iterate_step_batches`
+    of obs alone)."""
+    for batch in iterate_step_batches(files, ("obs",), batch_size, chunk_episodes, rng):
+        yield batch["obs"]
+
+
+def sample_steps(files: list[str], n: int, seed: int, keys: tuple[str, ...] = ("obs",)) -> dict[str, np.ndarray]:
+    """n steps spread evenly over `files`, deterministic for a seed: {key: array (n, ...)} of the per-step arrays
+    `keys` (the same steps in every key)."""
+    rng = np.random.default_rng(seed)
+    per_file = max(1, int(np.ceil(n / max(1, len(files)))))
+    parts = []
+    for f in files:
+        episode = load_episode(f, keys)
+        length = len(episode[keys[0]])
+        idx = np.sort(rng.choice(length, size=min(per_file, length), replace=False))
+        parts.append({k: v[idx] for k, v in episode.items()})
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    rows = np.sort(rng.choice(len(arrays[keys[0]]), size=min(n, len(arrays[keys[0]])), replace=False))
+    return {k: v[rows] for k, v in arrays.items()}
 
 
 def sample_frames(files: list[str], n: int, seed: int) -> np.ndarray:
     """n frames (uint8 (n, S, S, 3)) spread evenly over `files`, deterministic for a seed."""
-    rng = np.random.default_rng(seed)
-    per_file = max(1, int(np.ceil(n / max(1, len(files)))))
-    frames = []
-    for f in files:
-        obs = load_episode(f, ("obs",))["obs"]
-        idx = np.sort(rng.choice(len(obs), size=min(per_file, len(obs)), replace=False))
-        frames.append(obs[idx])
-    frames = np.concatenate(frames)
-    return frames[np.sort(rng.choice(len(frames), size=min(n, len(frames)), replace=False))]
+    return sample_steps(files, n, seed)["obs"]
+
+
+def stack_positions(steps: dict[str, np.ndarray]) -> np.ndarray:
+    """The labels of V's position heads from per-step arrays holding POSITION_KEYS: float32 (N, 2, 3), the goal
+    and the gripper (models.vae.POSITION_NAMES), m."""
+    return np.stack([steps[k] for k in POSITION_KEYS], axis=1).astype(np.float32)
+
+
+def check_position_labels(files: list[str]) -> None:
+    """Every rollout holds the position heads' labels (POSITION_KEYS, float (T, 3), finite).
+
+    Raises:
+        UserError: naming the first file without them (rollouts of another task, or recorded before 01 saved
+            achieved_goal).
+    """
+    for path in files:
+        steps = load_episode(path, POSITION_KEYS) if set(POSITION_KEYS) <= set(_npz_header(path)) else None
+        if steps is None:
+            raise UserError(f"{path}: vision.position_heads needs the per-step {' and '.join(POSITION_KEYS)} "
+                            "(PandaReach rollouts recorded by 01 with this version); record the rollouts again")
+        for key, value in steps.items():
+            if value.ndim != 2 or value.shape[1] != 3 or not np.isfinite(value).all():
+                raise UserError(f"{path}: {key} is {value.dtype} {value.shape}, expected finite float (T, 3)")
 
 
 LATENT_KEYS = ("mu", "logvar", "actions", "rewards", "terminated")

@@ -37,7 +37,9 @@ def is_panda(env_id: str) -> bool:
 
 def info_input_dims(env_cfg: EnvConfig) -> dict[str, int]:
     """Sizes of the info entries the env gives that a controller may read (controller.inputs)."""
-    return {"proprio": PANDA_JOINTS, "desired_goal": 3} if is_panda(env_cfg.id) else {}
+    if not is_panda(env_cfg.id):
+        return {}
+    return {"proprio": PANDA_JOINTS, "proprio_centred": PANDA_JOINTS, "desired_goal": 3, "achieved_goal": 3}
 
 
 def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = True):
@@ -115,10 +117,12 @@ class PandaPixels(gym.Wrapper):
     """A panda-gym env seen from pixels: the observation is `env.render()`, uint8 (R, R, 3).
 
     `info` of reset and step gains `proprio`, float32 (7,), the joint angles in
-    rad, `desired_goal`, float32 (3,), the goal position in m, and
-    `achieved_goal`, float32 (3,), the end effector's position in m, all of the
-    state the returned frame shows (labels for V's position heads; C never
-    reads achieved_goal or, at test time, desired_goal). `info["is_success"]` (the end effector
+    rad, `proprio_centred`, float32 (7,), the same minus the arm's neutral pose
+    (panda-gym's `neutral_joint_values`, where every episode starts), rad,
+    `desired_goal`, float32 (3,), the goal position in m, and `achieved_goal`,
+    float32 (3,), the end effector's position in m, all of the state the
+    returned frame shows (desired_goal and achieved_goal: labels for V's
+    position heads, and C's upper-bound inputs, never its pixel inputs). `info["is_success"]` (the end effector
     within 0.05 m of the goal) comes from panda-gym's step, which also
     terminates the episode on success.
     """
@@ -131,7 +135,8 @@ class PandaPixels(gym.Wrapper):
     def _info(self, obs: dict, info: dict) -> dict:
         robot = self.env.unwrapped.robot
         proprio = np.array([robot.get_joint_angle(i) for i in range(PANDA_JOINTS)], dtype=np.float32)
-        return {**info, "proprio": proprio, "desired_goal": np.asarray(obs["desired_goal"], dtype=np.float32),
+        centred = proprio - np.asarray(robot.neutral_joint_values[:PANDA_JOINTS], dtype=np.float32)
+        return {**info, "proprio": proprio, "proprio_centred": centred, "desired_goal": np.asarray(obs["desired_goal"], dtype=np.float32),
                 "achieved_goal": np.asarray(obs["achieved_goal"], dtype=np.float32)}
 
     def _frame(self) -> np.ndarray:

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from models.agent import Agent
-from models.controller import LinearController
+from models.controller import LinearController, input_dim
 from models.dream import DONE_THRESHOLD, dream_frames, dream_score
 from models.likelihood import frames_to_tensor, to_uint8
-from utils.checkpoints import load_model, load_world_model, read_checkpoint
+from utils.checkpoints import check_reads_vision, load_model, load_world_model, read_checkpoint
 from utils.cli import stage_dir
-from utils.data import LATENT_KEYS, LatentWindows, check_latents, sample_frames, start_latents
+from utils.data import (LATENT_KEYS, POSITION_KEYS, LatentWindows, check_latents, sample_frames, sample_steps,
+                        stack_positions, start_latents)
 from utils.envs import check_env, goal_marker_mask, info_input_dims, is_panda, make_env
 from utils.episodes import AgentPolicy, agent_task, expected_episode_s, init_agent_worker, run_episode
 from utils.errors import UserError
@@ -29,6 +30,7 @@ from utils.media import save_episode_gif, save_reconstruction_grid, save_side_by
 from utils.parallel import make_pool
 from utils.report import budget_summary, plot_training_curves, write_run_report
 from utils.seeding import env_seed
+from utils.training import has_position_heads
 
 GOAL_MARKER_FRAMES = 512  # held-out frames for the PandaReach goal-marker check
 
@@ -97,13 +99,14 @@ def load_evaluated_agent(cfg, vision_path: str, mdnrnn_path: str, controller_pat
         raise UserError(f"{controller_path}: C of kind {controller.kind!r}, but key 'controller.kind' is "
                         f"{cfg.controller.kind!r}")
     check_env(cfg.env)
-    dims = info_input_dims(cfg.env)
-    extra = sum(dims.get(key, 0) for key in controller.info_keys)
-    if controller.in_dim != mdnrnn.feature_dim + extra or not set(controller.info_keys) <= set(dims):
-        raise UserError(
-            f"{controller_path}: controller ({controller.inputs}) takes {controller.in_dim} inputs, but M and "
-            f"{cfg.env.id} give M's features + info inputs = {mdnrnn.feature_dim} + {extra}"
-        )
+    try:
+        wanted = input_dim(controller.inputs, mdnrnn.feature_dim, info_input_dims(cfg.env))
+    except ValueError as exc:
+        raise UserError(f"{controller_path}: {exc} ({cfg.env.id})") from None
+    if controller.in_dim != wanted:
+        raise UserError(f"{controller_path}: controller ({controller.inputs}) takes {controller.in_dim} inputs, but "
+                        f"M ({mdnrnn.feature_dim} features) and {cfg.env.id} give {wanted}")
+    check_reads_vision(controller.inputs, vision, vision_path)
     if cfg.evaluate.params == "mean":
         controller.set_params(ckpt["params_mean"])
     return vision, mdnrnn, controller, ckpt
@@ -135,12 +138,39 @@ def score(results: list[dict], seeds: list[int]) -> dict:
     return scores
 
 
-def held_out_frames(cfg, vision_path: str, n: int) -> np.ndarray | None:
-    """n frames uint8 (n, S, S, 3) of V's held-out rollouts (None when the split or the files are gone)."""
+def held_out_files(cfg, vision_path: str) -> list[str]:
+    """The rollout files V held out (empty when the split or the files are gone)."""
     held_out = read_checkpoint(vision_path).get("split", {}).get("held_out", [])
     files = [os.path.join(stage_dir(cfg, "rollouts"), f) for f in held_out]
-    files = [f for f in files if os.path.exists(f)]
+    return [f for f in files if os.path.exists(f)]
+
+
+def held_out_frames(cfg, vision_path: str, n: int) -> np.ndarray | None:
+    """n frames uint8 (n, S, S, 3) of V's held-out rollouts (None when the split or the files are gone)."""
+    files = held_out_files(cfg, vision_path)
     return sample_frames(files, n, cfg.seed) if files and n > 0 else None
+
+
+@torch.inference_mode()
+def position_head_error(vision, cfg, vision_path: str, n: int) -> dict | None:
+    """PandaReach, V with position heads: their error on n held-out frames, read from mu (the z C sees), against
+    the recorded positions: {"frames", "goal_cm", "gripper_cm" (mean Euclidean errors, cm), "offset_cm" (the error
+    of goal minus gripper, what C's offset inputs read), "goal_within_5cm" (fraction)}; None without held-out
+    files or without position labels in them."""
+    files = held_out_files(cfg, vision_path)
+    if not files or n <= 0:
+        return None
+    try:
+        steps = sample_steps(files, n, cfg.seed, ("obs",) + POSITION_KEYS)
+    except UserError:  # rollouts without labels: nothing to compare with
+        return None
+    truth = torch.from_numpy(stack_positions(steps))  # (N, 2, 3), m
+    predicted = vision.positions(vision.encode(frames_to_tensor(steps["obs"]))[0])
+    error = (predicted - truth).norm(dim=-1)  # (N, 2), m
+    offset_error = ((predicted[:, 0] - predicted[:, 1]) - (truth[:, 0] - truth[:, 1])).norm(dim=-1)
+    return {"frames": len(truth), "goal_cm": float(100 * error[:, 0].mean()),
+            "gripper_cm": float(100 * error[:, 1].mean()), "offset_cm": float(100 * offset_error.mean()),
+            "goal_within_5cm": float((error[:, 0] < 0.05).float().mean())}
 
 
 @torch.inference_mode()
@@ -177,7 +207,7 @@ def dream_verdict(cfg, mdnrnn, controller: LinearController) -> dict | None:
     latents, or a C reading inputs the dream does not have): for a dream-trained C, the score it believes it
     has (Ha & Schmidhuber's Doom table); for a real-trained C, whether M's dream recognises a driver at all."""
     latents = stage_dir(cfg, "latents")
-    if controller.info_keys or not os.path.isdir(latents) or not any(n.endswith(".npz") for n in os.listdir(latents)):
+    if not controller.features_only or not os.path.isdir(latents) or not any(n.endswith(".npz") for n in os.listdir(latents)):
         return None
     files = list_episodes(latents, "latents")
     check_latents(files)
@@ -202,7 +232,7 @@ def write_media(cfg, out_dir: str, vision, mdnrnn, controller: LinearController,
     frames = list(episode.arrays["obs"])
     n_gif = save_episode_gif(os.path.join(out_dir, "episode.gif"), vision, frames, ec.gif_every, ec.gif_max_frames)
     media = {f"episode {seed} (return {episode.ret:.1f}): frame | reconstruction": "episode.gif"}
-    dream = None if controller.info_keys else dream_frames(  # a C reading env info (joint angles) has no dream
+    dream = None if not controller.features_only else dream_frames(  # a C reading more than M has no dream
         vision, mdnrnn, controller, frames[0], cfg.controller.temperature, len(frames), cfg.seed)
     if dream is not None:
         save_world_model_gif(os.path.join(out_dir, "world_model.gif"), vision, frames, dream, ec.gif_every,
@@ -222,6 +252,12 @@ def write_media(cfg, out_dir: str, vision, mdnrnn, controller: LinearController,
             g = scores["goal_marker"]
             print(f"[06] goal marker: in {100 * g['in_frames']:.0f} % of {g['frames']} held-out frames, kept by V's "
                   f"reconstruction in {100 * g['in_reconstructions']:.0f} % of those")
+        positions = position_head_error(vision, cfg, vision_path, GOAL_MARKER_FRAMES) if has_position_heads(vision) else None
+        if positions:
+            scores["position_heads"] = positions
+            print(f"[06] V's position heads on {positions['frames']} held-out frames: goal {positions['goal_cm']:.1f} cm, "
+                  f"gripper {positions['gripper_cm']:.1f} cm, goal - gripper {positions['offset_cm']:.1f} cm (mean "
+                  f"errors); goal within 5 cm in {100 * positions['goal_within_5cm']:.0f} %")
     if plot_training_curves(cfg.run_dir, os.path.join(out_dir, "training_curves.png")):
         media["training curves: V and M per epoch, C per generation"] = "training_curves.png"
     return media, n_gif

@@ -118,6 +118,12 @@ def write_run_report(path: str, cfg, scores: dict, budget: dict, media: dict, fi
         lines += ["", f"Does z keep the goal? The goal marker shows in {100 * g['in_frames']:.0f} % of {g['frames']} "
                       f"held-out frames; V's reconstruction decode(mu(frame)) still shows it in "
                       f"{100 * g['in_reconstructions']:.0f} % of those."]
+    if "position_heads" in scores:
+        p = scores["position_heads"]
+        lines += ["", f"V's position heads on {p['frames']} held-out frames (read from mu, against the recorded "
+                      f"positions): goal {p['goal_cm']:.1f} cm, gripper {p['gripper_cm']:.1f} cm, goal minus gripper "
+                      f"{p['offset_cm']:.1f} cm (mean errors); the goal within 5 cm in "
+                      f"{100 * p['goal_within_5cm']:.0f} % of frames."]
     lines += [
         "",
         f"Evaluation seeds {scores['seeds'][0]}..{scores['seeds'][-1]} are disjoint from every training seed "
@@ -298,7 +304,11 @@ def _success(s: dict | None) -> str:
 
 
 INPUT_NAMES = {"z_h": "pixels: [z, h]", "z_h_proprio": "pixels + joint angles: [z, h, q]",
-               "z_h_proprio_goal": "pixels + joint angles + goal from the state: [z, h, q, g] (upper bound)"}
+               "z_h_proprio_goal": "pixels + joint angles + goal from the state: [z, h, q, g] (upper bound)",
+               "offset_proprio": "pixels (V's position heads) + joint angles: [(g^ - e^) / 10 cm, q - q0]",
+               "offset": "pixels only (V's position heads): [(g^ - e^) / 10 cm]",
+               "state_offset_proprio": "the state's goal and gripper + joint angles: [(g - ee) / 10 cm, q - q0] "
+                                       "(upper bound)"}
 
 
 # (table, title, our columns, their cells for a run): the thesis's Tables 1-3.

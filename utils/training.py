@@ -24,10 +24,12 @@ import torch
 from tqdm import tqdm
 
 from models import build
+from models.hparams import config_from_dict
 from models.likelihood import frames_to_tensor
 from utils.checkpoints import read_checkpoint, save_model
 from utils.config import Config, config_to_dict
-from utils.data import LatentWindows, iterate_frame_batches, sample_frames
+from utils.data import (POSITION_KEYS, LatentWindows, iterate_step_batches, sample_steps,
+                        stack_positions)
 from utils.errors import UserError
 from utils.io import save_text
 
@@ -70,6 +72,17 @@ def build_model(family: str, kind: str, config, **sizes):
         raise UserError(f"{family} kind {kind}: {exc}") from None
 
 
+def _saved_model(ckpt: dict, model: torch.nn.Module) -> tuple:
+    """(kind, config, sizes) of a checkpoint, its config completed with today's defaults for keys added since it
+    was written (a V saved before vision.position_heads existed is the same V as one saved with it off)."""
+    config = ckpt.get("config")
+    try:
+        config = dataclasses.asdict(config_from_dict(type(model.config), config))
+    except (ValueError, TypeError):
+        pass  # not this model's config: left as saved, so that it differs
+    return ckpt.get("kind"), config, ckpt.get("sizes")
+
+
 def check_init_from(path: str, model: torch.nn.Module) -> dict:
     """The checkpoint at `path` (memory.init_from) when it holds weights for `model`: same kind, config and sizes.
 
@@ -77,7 +90,7 @@ def check_init_from(path: str, model: torch.nn.Module) -> dict:
         UserError: unreadable, or saved for another kind, config or sizes.
     """
     ckpt = read_checkpoint(path)
-    saved = (ckpt.get("kind"), ckpt.get("config"), ckpt.get("sizes"))
+    saved = _saved_model(ckpt, model)
     wanted = (model.kind, dataclasses.asdict(model.config), model.sizes())
     if saved != wanted:
         raise UserError(f"memory.init_from: {path} holds {saved[0]} {saved[1]} {saved[2]}, this run builds "
@@ -94,7 +107,7 @@ def _resume(latest: str, model: torch.nn.Module, optimizer) -> tuple[int, list[d
     if not os.path.exists(latest):
         return 0, [], math.inf
     ckpt = read_checkpoint(latest)
-    saved = (ckpt.get("kind"), ckpt.get("config"), ckpt.get("sizes"))
+    saved = _saved_model(ckpt, model)
     wanted = (model.kind, dataclasses.asdict(model.config), model.sizes())
     if saved != wanted:
         raise UserError(
@@ -165,16 +178,23 @@ def resolve_device(name: str, key: str = "vision.device") -> torch.device:
     return torch.device(name)
 
 
+def has_position_heads(model) -> bool:
+    """True for a V trained with position heads (vision.position_heads)."""
+    return getattr(model, "position_heads", None) is not None
+
+
 @torch.no_grad()
-def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256) -> dict:
+def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256, positions: np.ndarray | None = None) -> dict:
     """Mean loss terms (nats/image) and MSE of decode(mu) over uint8 frames (N, S, S, 3),
-    computed on the model's device."""
+    computed on the model's device; with positions float32 (N, 2, 3) (m) and a V with position heads, also
+    their NLL and error in cm (`goal_cm`, `gripper_cm`: models.vae.position_terms)."""
     model.eval()
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     for b in range(0, len(frames), batch_size):
         x = frames_to_tensor(frames[b : b + batch_size]).to(device)
-        terms = model.loss(x)
+        p = None if positions is None else torch.from_numpy(positions[b : b + batch_size]).to(device)
+        terms = model.loss(x, positions=p)
         terms["mse"] = (model.reconstruct(x) - x).pow(2).mean()  # from the flat z alone
         if hasattr(model, "reconstruct_full"):  # hierarchical V: every group from the posterior
             terms["mse_full"] = (model.reconstruct_full(x) - x).pow(2).mean()
@@ -182,24 +202,30 @@ def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256) -> dict:
     return {k: v / len(frames) for k, v in sums.items()}
 
 
-def vision_update(model, optimizer, frames: np.ndarray, progress: float, grad_clip: float) -> dict | None:
-    """One training step of V (stage 02): uint8 frames (B, S, S, 3) -> the loss terms (scalar tensors),
-    or None when the update was skipped for a non-finite loss or gradient. `progress` in [0, 1] drives
-    the NVAE's KL warm-up."""
-    x = frames_to_tensor(frames).to(next(model.parameters()).device)
-    terms = model.objective(x, progress)
+def vision_update(model, optimizer, frames: np.ndarray, progress: float, grad_clip: float,
+                  positions: np.ndarray | None = None) -> dict | None:
+    """One training step of V (stage 02): uint8 frames (B, S, S, 3) (and, for position heads, the goal and
+    gripper positions float32 (B, 2, 3), m) -> the loss terms (scalar tensors), or None when the update was
+    skipped for a non-finite loss or gradient. `progress` in [0, 1] drives the NVAE's KL warm-up."""
+    device = next(model.parameters()).device
+    x = frames_to_tensor(frames).to(device)
+    p = None if positions is None else torch.from_numpy(positions).to(device)
+    terms = model.objective(x, progress, p)
     return terms if guarded_step(terms["loss"], model.parameters(), optimizer, grad_clip) else None
 
 
 def train_vision(cfg: Config, model: torch.nn.Module, train_files: list[str], train_lengths: list[int],
                  val_files: list[str], out_dir: str) -> list[dict]:
     """Train the fresh V `model` (built from cfg.vision, already on its device) on the frames of `train_files`
-    (`train_lengths` frames each, checked by utils.data.check_rollouts); see the module docstring."""
+    (`train_lengths` frames each, checked by utils.data.check_rollouts), and its position heads on their goal
+    and gripper positions (utils.data.POSITION_KEYS, checked by the stage); see the module docstring."""
     vc = cfg.vision
     torch.set_num_threads(vc.threads)
     optimizer = make_adam(model, vc.lr)
     start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model, optimizer)
-    val_frames = sample_frames(val_files, vc.val_frames, cfg.seed)
+    keys = ("obs",) + (POSITION_KEYS if has_position_heads(model) else ())
+    val = sample_steps(val_files, vc.val_frames, cfg.seed, keys)
+    val_positions = stack_positions(val) if has_position_heads(model) else None
     split = {"train": [os.path.basename(f) for f in train_files], "held_out": [os.path.basename(f) for f in val_files]}
     n_train_frames = sum(train_lengths)
 
@@ -209,9 +235,11 @@ def train_vision(cfg: Config, model: torch.nn.Module, train_files: list[str], tr
         sums, n_batches, skipped, images = {}, 0, 0, 0
         start = time.perf_counter()
         bar = tqdm(desc=f"02 epoch {epoch + 1}", unit="img", leave=False, disable=None)
-        for frames in iterate_frame_batches(train_files, vc.batch_size, vc.chunk_episodes, rng):
+        for batch in iterate_step_batches(train_files, keys, vc.batch_size, vc.chunk_episodes, rng):
+            frames = batch["obs"]
             progress = (epoch + images / n_train_frames) / vc.epochs
-            terms = vision_update(model, optimizer, frames, progress, vc.grad_clip)
+            positions = stack_positions(batch) if has_position_heads(model) else None
+            terms = vision_update(model, optimizer, frames, progress, vc.grad_clip, positions)
             if terms is None:
                 skipped += 1
                 continue
@@ -229,7 +257,7 @@ def train_vision(cfg: Config, model: torch.nn.Module, train_files: list[str], tr
         save_model(path, model, run_config=config_to_dict(cfg), optimizer=optimizer.state_dict(), epoch=epoch,
                    metrics=hist[-1], history=hist, split=split)
 
-    evaluate = lambda: evaluate_vision(model, val_frames)  # noqa: E731
+    evaluate = lambda: evaluate_vision(model, val["obs"], positions=val_positions)  # noqa: E731
     return _epoch_loop("02", vc.epochs, start_epoch, history, best, run_epoch, evaluate, save, out_dir)
 
 
