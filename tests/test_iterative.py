@@ -207,7 +207,7 @@ def test_a_terminated_driver_stops_its_stage_and_exits(tmp_path):
     and the driver exits with 128 + 15, instead of waiting on a stage that is gone."""
     run_dir = tmp_path / "run"
     config = write_config(tmp_path, run_dir, controller=DREAM_C, iterative=ITERATIVE,
-                          rollouts={"episodes": 40, "max_steps": 1000, "workers": 1})
+                          env={"max_episode_steps": 1000}, rollouts={"episodes": 40, "max_steps": 1000, "workers": 1})
     proc = iterate(config)
     deadline = time.monotonic() + 120
     while not _processes_naming(f"run_dir={run_dir}") and proc.poll() is None and time.monotonic() < deadline:
