@@ -6,7 +6,7 @@ A frame's path from the env to an action, all in models/:
     -> likelihood.frames_to_tensor          float32 (1, 3, S, S) in [0, 1]
     -> V.encode (vae.py / nvae.py)          z = mu (1, z_dim), the posterior mean
     -> M.observe(state, z)                  M's state holds z_t (mdnrnn.py: [z_t, h_t]; rssm.py: [h_t, s_t])
-    -> C(M.features(state) (+ info inputs)) (controller.py)   action float32 (1, A) within the env's bounds
+    -> C(M.features(state) (+ info inputs, V.positions(z))) (controller.py)   action float32 (1, A) in bounds
     -> M.transition(state, action)          the state for the next frame
 
 On PandaReach, C may also read info["proprio"] (the 7 joint angles), V's
