@@ -91,12 +91,17 @@ def load_world_model(vision_path: str, mdnrnn_path: str, z_dim: int | None = Non
     return vision, mdnrnn
 
 
+def has_position_heads(vision) -> bool:
+    """True for a V trained with position heads (vision.position_heads: models/vae.py PositionHeads)."""
+    return getattr(vision, "position_heads", None) is not None
+
+
 def check_reads_vision(controller_inputs: str, vision, vision_path: str) -> None:
     """Refuse a C whose inputs read V's position heads (models.controller.INPUTS) beside a V without them.
 
     Raises:
         UserError: naming the inputs and the V checkpoint.
     """
-    if INPUTS[controller_inputs].offset == "vision" and getattr(vision, "position_heads", None) is None:
+    if INPUTS[controller_inputs].offset == "vision" and not has_position_heads(vision):
         raise UserError(f"controller.inputs: {controller_inputs} reads V's position heads, but {vision_path} has none "
                         "(train V with vision.position_heads: true)")

@@ -17,7 +17,7 @@ from models.agent import Agent
 from models.controller import LinearController, input_dim
 from models.dream import DONE_THRESHOLD, dream_frames, dream_score
 from models.likelihood import frames_to_tensor, to_uint8
-from utils.checkpoints import check_reads_vision, load_model, load_world_model, read_checkpoint
+from utils.checkpoints import check_reads_vision, has_position_heads, load_model, load_world_model, read_checkpoint
 from utils.cli import stage_dir
 from utils.data import (LATENT_KEYS, POSITION_KEYS, LatentWindows, check_latents, sample_frames, sample_steps,
                         stack_positions, start_latents)
@@ -30,7 +30,6 @@ from utils.media import save_episode_gif, save_reconstruction_grid, save_side_by
 from utils.parallel import make_pool
 from utils.report import budget_summary, plot_training_curves, write_run_report
 from utils.seeding import env_seed
-from utils.training import has_position_heads
 
 GOAL_MARKER_FRAMES = 512  # held-out frames for the PandaReach goal-marker check
 

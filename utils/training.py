@@ -26,7 +26,7 @@ from tqdm import tqdm
 from models import build
 from models.hparams import config_from_dict
 from models.likelihood import frames_to_tensor
-from utils.checkpoints import read_checkpoint, save_model
+from utils.checkpoints import has_position_heads, read_checkpoint, save_model
 from utils.config import Config, config_to_dict
 from utils.data import (POSITION_KEYS, LatentWindows, iterate_step_batches, sample_steps,
                         stack_positions)
@@ -178,11 +178,6 @@ def resolve_device(name: str, key: str = "vision.device") -> torch.device:
     return torch.device(name)
 
 
-def has_position_heads(model) -> bool:
-    """True for a V trained with position heads (vision.position_heads)."""
-    return getattr(model, "position_heads", None) is not None
-
-
 @torch.no_grad()
 def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256, positions: np.ndarray | None = None) -> dict:
     """Mean loss terms (nats/image) and MSE of decode(mu) over uint8 frames (N, S, S, 3),
@@ -223,9 +218,10 @@ def train_vision(cfg: Config, model: torch.nn.Module, train_files: list[str], tr
     torch.set_num_threads(vc.threads)
     optimizer = make_adam(model, vc.lr)
     start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model, optimizer)
-    keys = ("obs",) + (POSITION_KEYS if has_position_heads(model) else ())
+    heads = has_position_heads(model)
+    keys = ("obs",) + (POSITION_KEYS if heads else ())
     val = sample_steps(val_files, vc.val_frames, cfg.seed, keys)
-    val_positions = stack_positions(val) if has_position_heads(model) else None
+    val_positions = stack_positions(val) if heads else None
     split = {"train": [os.path.basename(f) for f in train_files], "held_out": [os.path.basename(f) for f in val_files]}
     n_train_frames = sum(train_lengths)
 
@@ -238,7 +234,7 @@ def train_vision(cfg: Config, model: torch.nn.Module, train_files: list[str], tr
         for batch in iterate_step_batches(train_files, keys, vc.batch_size, vc.chunk_episodes, rng):
             frames = batch["obs"]
             progress = (epoch + images / n_train_frames) / vc.epochs
-            positions = stack_positions(batch) if has_position_heads(model) else None
+            positions = stack_positions(batch) if heads else None
             terms = vision_update(model, optimizer, frames, progress, vc.grad_clip, positions)
             if terms is None:
                 skipped += 1
