@@ -7,7 +7,8 @@ For each goal radius (m) and shadows on and off, makes the project's PandaReachM
 env id (utils/panda_tasks.py: PandaReachJoints-v3 -> PandaReachMarkerJoints-v3; the config's camera and
 frame sizes) and resets it on the first --goals evaluation seeds. Prints the marker's pixels in the V-ready
 frame (env.frame_size, `goal_marker_mask`) as min / median / max, the share of goals where it shows at all,
-and resets per second (each reset renders one frame).
+with env.views: 2 the share where it shows in each view (the frame's left and right halves) and in both, and
+resets per second (each reset renders one frame).
 
 Raises (exit 2): a config whose env is not PandaReach; --goals < 1; a radius <= 0.
 """
@@ -47,19 +48,25 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--goals must be >= 1 and every --radii value > 0")
     print(f"{env_id}, {cfg.env.render_size} px render -> {cfg.env.frame_size} px frames, {args.goals} evaluation "
           "goals per row")
-    print("| radius (m) | shadows | marker px min / median / max | goals where it shows | resets/s |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| radius (m) | shadows | marker px min / median / max | goals where it shows | in each view; in all "
+          "| resets/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for radius in args.radii:
         for shadows in (True, False):
             env = make_env(dataclasses.replace(cfg.env, id=env_id, goal_radius=radius, render_shadows=shadows))
-            pixels, start = [], time.perf_counter()
+            pixels, per_view, start = [], [], time.perf_counter()
             for i in range(args.goals):
                 frame, _ = env.reset(seed=env_seed(cfg.seed, "evaluate", i))
-                pixels.append(int(goal_marker_mask(frame).sum()))
+                mask = goal_marker_mask(frame)
+                pixels.append(int(mask.sum()))
+                per_view.append([view.any() for view in np.array_split(mask, cfg.env.views, axis=1)])
             rate = args.goals / (time.perf_counter() - start)
             env.close()
+            shown = np.array(per_view)
+            views = " / ".join(f"{share:.0%}" for share in shown.mean(axis=0))
             print(f"| {radius:g} | {'on' if shadows else 'off'} | {min(pixels)} / {np.median(pixels):g} / "
-                  f"{max(pixels)} | {np.mean(np.array(pixels) > 0):.0%} | {rate:.1f} |", flush=True)
+                  f"{max(pixels)} | {np.mean(np.array(pixels) > 0):.0%} | {views}; {shown.all(axis=1).mean():.0%} "
+                  f"| {rate:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

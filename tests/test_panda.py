@@ -174,7 +174,7 @@ def test_position_heads_loss_is_the_gaussian_nll_of_the_recorded_positions():
 
 
 TINY_PANDA = {
-    "env": {**PANDA_ENV, "id": "PandaReachMarkerJoints-v3", "goal_radius": 0.05, "render_shadows": False},
+    "env": {**PANDA_ENV, "id": "PandaReachMarkerJoints-v3", "goal_radius": 0.05, "render_shadows": False, "views": 2},
     "vision": {"position_heads": True},
     "rollouts": {"episodes": 3, "max_steps": 12, "policy": "uniform", "workers": 2},
     "memory": {"seq_len": 6},
@@ -186,8 +186,8 @@ TINY_PANDA = {
 
 @pytest.fixture(scope="module")
 def panda_run(tmp_path_factory):
-    """Stages 01-06 on the project's PandaReachMarkerJoints-v3 (marker radius 0.05, no shadows) with a tiny budget,
-    V with position heads, C on pixels only ([z, h])."""
+    """Stages 01-06 on the project's PandaReachMarkerJoints-v3 (marker radius 0.05, no shadows, two views) with a
+    tiny budget, V with position heads, C on pixels only ([z, h])."""
     folder = tmp_path_factory.mktemp("panda")
     config = write_config(folder, folder / "run", **TINY_PANDA)
     outputs = {}
@@ -376,12 +376,45 @@ def test_the_projects_reach_draws_the_marker_it_is_told_and_changes_nothing_else
     assert min(counts[0.05, False]) >= 20  # about 38 px at 64x64 for these goals, shadows or not
 
 
+def test_two_views_tile_the_middle_of_each_camera_and_show_the_marker_where_it_is_in_view():
+    """env.views: 2 renders one render_size frame whose left half is the middle of the first camera's one-view
+    image and whose right half that of the view2_* camera's (all but an edge pixel or so); each half shows the marker exactly
+    where pybullet's segmentation mask puts it in that camera's view."""
+    marker = {**PANDA_ENV, "id": "PandaReachMarkerJoints-v3", "goal_radius": 0.05, "render_shadows": False}
+    two = make_env(EnvConfig(**marker, views=2, view2_yaw=-45.0, view2_distance=0.8, view2_pitch=-30.0))
+    first = make_env(EnvConfig(**marker))
+    second = make_env(EnvConfig(**marker, camera_yaw=-45.0, camera_distance=0.8, camera_pitch=-30.0))
+    action = np.linspace(-0.5, 0.5, 7, dtype=np.float32)
+    seen = []
+    for i in range(4):
+        seed = 3_000_000_000 + i  # evaluation goals
+        frames = [env.reset(seed=seed)[0] for env in (two, first, second)]
+        for _ in range(i):  # the arm moves: what it hides changes
+            frames = [env.step(action)[0] for env in (two, first, second)]
+        assert frames[0].shape == (64, 64, 3) and frames[0].dtype == np.uint8
+        tiled, one, other = (env.unwrapped.render() for env in (two, first, second))
+        assert tiled.shape == (84, 84, 3)
+        for half, full in ((tiled[:, :42], one), (tiled[:, 42:], other)):  # the rasteriser may round an edge pixel
+            assert (half == full[:, 21:63]).all(-1).mean() > 0.995  # otherwise (1 pixel is 0.03 %)
+        target = two.unwrapped.sim._bodies_idx["target"]
+        for half, (rgb, segmentation) in zip((tiled[:, :42], tiled[:, 42:]), two.unwrapped.camera_images()):
+            assert np.array_equal(rgb, half)
+            in_view = bool((segmentation == target).any())
+            assert goal_marker_mask(half).any() == in_view, f"goal {i}: marker pixels against the mask"
+            seen.append(in_view)
+    assert sum(seen) >= 6  # most of the 8 views see the marker: the check compared pixels that exist
+    for env in (two, first, second):
+        env.close()
+
+
 def test_the_marker_keys_need_the_projects_ids(tmp_path):
     config = write_config(tmp_path, tmp_path / "run", **{**TINY_PANDA, "env": PANDA_ENV})  # panda-gym's own id
     proc = run_script("01_generate_rollouts", config, "--set", "env.goal_radius=0.05")
     assert_user_error(proc, "env.goal_radius", "PandaReachMarkerJoints-v3")
     proc = run_script("01_generate_rollouts", config, "--set", "env.render_shadows=false")
     assert_user_error(proc, "env.render_shadows")
+    proc = run_script("01_generate_rollouts", config, "--set", "env.views=2")
+    assert_user_error(proc, "env.views", "PandaReachMarkerJoints-v3")
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -392,7 +425,8 @@ def test_the_marker_benchmark_measures_each_setting(tmp_path):
     assert_ok(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 0.05 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["on", "off"]
-    assert all(float(r.split("|")[5]) > 0 and r.split("|")[4].strip() == "100%" for r in rows)
+    assert all(float(r.split("|")[6]) > 0 and r.split("|")[4].strip() == "100%" for r in rows)
+    assert all(r.split("|")[5].strip() == "100% / 100%; 100%" for r in rows)  # TINY_PANDA: two views
     assert "PandaReachMarkerJoints-v3" in proc.stdout and not os.path.exists(tmp_path / "run")
     car = write_config(tmp_path, tmp_path / "car")
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "panda_marker.py"), "--config", car],

@@ -62,6 +62,12 @@ class EnvConfig:
                                "visual only (panda-gym draws 0.02; 0.05 equals the success threshold)", above=0)
     render_shadows: bool = param(True, "PandaReachMarker* ids: draw shadows (panda-gym always does; without is "
                                  "about twice as fast)")
+    views: int = param(1, "PandaReachMarker* ids: camera views tiled side by side into one frame of render_size x "
+                       "render_size, each render_size / views wide (the middle of that camera's image, at the same "
+                       "scale); 2 adds the camera view2_* (same target), for depth", choices=(1, 2))
+    view2_distance: float = param(0.9, "views: 2: the second camera's metres from the camera target", above=0)
+    view2_yaw: float = param(-45.0, "views: 2: the second camera's yaw, degrees (-45: 90 degrees from the first)")
+    view2_pitch: float = param(-40.0, "views: 2: the second camera's pitch, degrees")
 
 
 ROLLOUT_POLICIES = ("brownian", "uniform", "controller")

@@ -51,7 +51,7 @@ def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = 
 
     Raises:
         UserError: the id is not a registered gymnasium (or panda-gym) env, panda-gym is not installed, or
-            env.goal_radius / env.render_shadows changed for one of panda-gym's own ids.
+            env.goal_radius / env.render_shadows / env.views changed for one of panda-gym's own ids.
     """
     kwargs = {"max_episode_steps": env_cfg.max_episode_steps}
     if is_panda(env_cfg.id):
@@ -65,10 +65,16 @@ def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = 
         if env_cfg.id in MARKER_ENV_IDS:
             register_marker_envs()
             kwargs |= {"goal_radius": env_cfg.goal_radius, "shadows": env_cfg.render_shadows}
-        elif env_cfg.goal_radius != PANDA_GYM_GOAL_RADIUS or not env_cfg.render_shadows:
-            key = "env.goal_radius" if env_cfg.goal_radius != PANDA_GYM_GOAL_RADIUS else "env.render_shadows"
-            raise UserError(f"{key}: panda-gym's {env_cfg.id} draws a goal of radius {PANDA_GYM_GOAL_RADIUS} m with "
-                            f"shadows; use the project's ids ({', '.join(MARKER_ENV_IDS)}) to change it")
+            if env_cfg.views == 2:
+                kwargs["second_view"] = (env_cfg.view2_distance, env_cfg.view2_yaw, env_cfg.view2_pitch)
+        else:
+            changed = [key for key, differs in (("env.goal_radius", env_cfg.goal_radius != PANDA_GYM_GOAL_RADIUS),
+                                                ("env.render_shadows", not env_cfg.render_shadows),
+                                                ("env.views", env_cfg.views != 1)) if differs]
+            if changed:
+                raise UserError(f"{changed[0]}: panda-gym's {env_cfg.id} draws one view of a goal of radius "
+                                f"{PANDA_GYM_GOAL_RADIUS} m with shadows; use the project's ids "
+                                f"({', '.join(MARKER_ENV_IDS)}) to change it")
         kwargs |= {
             "render_width": env_cfg.render_size, "render_height": env_cfg.render_size,
             "render_distance": env_cfg.camera_distance, "render_yaw": env_cfg.camera_yaw,
