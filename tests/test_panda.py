@@ -15,7 +15,7 @@ from conftest import NVAE_TINY, ROOT, STAGES, assert_ok, assert_user_error, run_
 from models.controller import LinearController, LinearControllerConfig
 from utils.checkpoints import load_model
 from utils.config import EnvConfig, load_config
-from utils.envs import goal_marker_mask, make_env
+from utils.envs import camera_axes, goal_marker_mask, make_env
 from utils.episodes import RandomPolicy, run_episode
 from utils.report import INPUT_NAMES
 
@@ -223,6 +223,8 @@ def test_stages_end_to_end_on_panda_reach(panda_run):
     heads = scores["position_heads"]  # V's position heads on the held-out episode's frames, in cm
     assert heads["frames"] == 12 and all(np.isfinite(heads[k]) and heads[k] > 0 for k in ("goal_cm", "gripper_cm"))
     assert f"goal {heads['goal_cm']:.1f} cm" in panda_run["outputs"]["06_evaluate"].stdout
+    across, depth, total = heads["goal_across_cm"], heads["goal_depth_cm"], heads["goal_cm"]  # parts of one error
+    assert max(across, depth) <= total + 1e-6 and total <= across + depth + 1e-6 and "along its axis" in report
     log = [json.loads(line) for line in open(os.path.join(run_dir, "vision", "train_log.jsonl"))]
     assert {"positions", "goal_cm", "val_positions", "val_goal_cm", "val_gripper_cm"} <= set(log[-1])
 
@@ -374,6 +376,19 @@ def test_the_projects_reach_draws_the_marker_it_is_told_and_changes_nothing_else
         env.close()
     assert np.median(counts[0.05, True]) > 3 * np.median(counts[0.02, True])
     assert min(counts[0.05, False]) >= 20  # about 38 px at 64x64 for these goals, shadows or not
+
+
+def test_camera_axes_are_the_cameras_right_up_and_backward_directions():
+    """camera_axes: orthonormal rows; the backward row points from the target to the camera (up, for a camera
+    pitched down); a camera 90 degrees round in yaw turns it 90 degrees about z, leaving its height."""
+    axes = camera_axes(EnvConfig(**PANDA_ENV))  # yaw 45, pitch -40
+    np.testing.assert_allclose(axes @ axes.T, np.eye(3), atol=1e-6)
+    backward = axes[2]
+    np.testing.assert_allclose(backward[2], np.sin(np.radians(40)), atol=1e-6)  # the camera looks down 40 degrees
+    turned = camera_axes(EnvConfig(**PANDA_ENV, camera_yaw=-45.0))[2]
+    np.testing.assert_allclose(turned[2], backward[2], atol=1e-6)
+    assert abs(turned[:2] @ backward[:2]) < 1e-6  # horizontal parts at right angles
+    np.testing.assert_allclose(camera_axes(EnvConfig(**PANDA_ENV, camera_pitch=-89.9))[2], [0, 0, 1], atol=2e-3)
 
 
 def test_two_views_tile_the_middle_of_each_camera_and_show_the_marker_where_it_is_in_view():

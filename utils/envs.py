@@ -109,6 +109,18 @@ def check_env(env_cfg: EnvConfig) -> None:
     make_env(env_cfg, pixels=False).close()
 
 
+def camera_axes(env_cfg: EnvConfig) -> np.ndarray:
+    """PandaReach: float64 (3, 3) whose rows are the first camera's right, up and backward unit vectors in the world
+    frame (pybullet's view matrix for env.camera_*), so `axes @ v` gives a world vector v (m) in camera
+    coordinates: across the image (right, up) and along the camera's axis (depth, towards the camera)."""
+    import pybullet  # panda-gym's simulator; computing a view matrix needs no physics client
+
+    view = pybullet.computeViewMatrixFromYawPitchRoll(
+        cameraTargetPosition=[env_cfg.camera_target_x, env_cfg.camera_target_y, env_cfg.camera_target_z],
+        distance=env_cfg.camera_distance, yaw=env_cfg.camera_yaw, pitch=env_cfg.camera_pitch, roll=0, upAxisIndex=2)
+    return np.asarray(view, dtype=np.float64).reshape(4, 4).T[:3, :3]  # OpenGL's column-major order
+
+
 def goal_marker_mask(frames: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W, 3) frames -> bool (..., H, W): the pixels of panda-gym's green goal sphere.
 

@@ -21,7 +21,7 @@ from utils.checkpoints import check_reads_vision, has_position_heads, load_model
 from utils.cli import stage_dir
 from utils.data import (LATENT_KEYS, POSITION_KEYS, LatentWindows, check_latents, sample_frames, sample_steps,
                         stack_positions, start_latents)
-from utils.envs import check_env, goal_marker_mask, info_input_dims, is_panda, make_env
+from utils.envs import camera_axes, check_env, goal_marker_mask, info_input_dims, is_panda, make_env
 from utils.episodes import AgentPolicy, agent_task, expected_episode_s, init_agent_worker, run_episode
 from utils.errors import UserError
 from utils.fid import fid_unavailable, vision_fid
@@ -154,8 +154,9 @@ def held_out_frames(cfg, vision_path: str, n: int) -> np.ndarray | None:
 def position_head_error(vision, cfg, vision_path: str, n: int) -> dict | None:
     """PandaReach, V with position heads: their error on n held-out frames, read from mu (the z C sees), against
     the recorded positions: {"frames", "goal_cm", "gripper_cm" (mean Euclidean errors, cm), "offset_cm" (the error
-    of goal minus gripper, what C's offset inputs read), "goal_within_5cm" (fraction)}; None without held-out
-    files or without position labels in them."""
+    of goal minus gripper, what C's offset inputs read), "goal_within_5cm" (fraction), "goal_across_cm" and
+    "goal_depth_cm" (the goal's mean error across the first camera's image and along its axis: what one view
+    leaves ambiguous is depth)}; None without held-out files or without position labels in them."""
     files = held_out_files(cfg, vision_path)
     if not files or n <= 0:
         return None
@@ -167,9 +168,12 @@ def position_head_error(vision, cfg, vision_path: str, n: int) -> dict | None:
     predicted = vision.positions(vision.encode(frames_to_tensor(steps["obs"]))[0])
     error = (predicted - truth).norm(dim=-1)  # (N, 2), m
     offset_error = ((predicted[:, 0] - predicted[:, 1]) - (truth[:, 0] - truth[:, 1])).norm(dim=-1)
+    in_camera = (predicted[:, 0] - truth[:, 0]).double() @ torch.from_numpy(camera_axes(cfg.env)).T  # (N, 3), m
     return {"frames": len(truth), "goal_cm": float(100 * error[:, 0].mean()),
             "gripper_cm": float(100 * error[:, 1].mean()), "offset_cm": float(100 * offset_error.mean()),
-            "goal_within_5cm": float((error[:, 0] < 0.05).float().mean())}
+            "goal_within_5cm": float((error[:, 0] < 0.05).float().mean()),
+            "goal_across_cm": float(100 * in_camera[:, :2].norm(dim=-1).mean()),
+            "goal_depth_cm": float(100 * in_camera[:, 2].abs().mean())}
 
 
 @torch.inference_mode()
@@ -256,7 +260,9 @@ def write_media(cfg, out_dir: str, vision, mdnrnn, controller: LinearController,
             scores["position_heads"] = positions
             print(f"[06] V's position heads on {positions['frames']} held-out frames: goal {positions['goal_cm']:.1f} cm, "
                   f"gripper {positions['gripper_cm']:.1f} cm, goal - gripper {positions['offset_cm']:.1f} cm (mean "
-                  f"errors); goal within 5 cm in {100 * positions['goal_within_5cm']:.0f} %")
+                  f"errors); goal within 5 cm in {100 * positions['goal_within_5cm']:.0f} %; the goal's error across "
+                  f"the first camera's image {positions['goal_across_cm']:.1f} cm, along its axis "
+                  f"{positions['goal_depth_cm']:.1f} cm")
     if plot_training_curves(cfg.run_dir, os.path.join(out_dir, "training_curves.png")):
         media["training curves: V and M per epoch, C per generation"] = "training_curves.png"
     return media, n_gif

@@ -124,6 +124,9 @@ def write_run_report(path: str, cfg, scores: dict, budget: dict, media: dict, fi
                       f"positions): goal {p['goal_cm']:.1f} cm, gripper {p['gripper_cm']:.1f} cm, goal minus gripper "
                       f"{p['offset_cm']:.1f} cm (mean errors); the goal within 5 cm in "
                       f"{100 * p['goal_within_5cm']:.0f} % of frames."]
+        if "goal_depth_cm" in p:  # scores.json files written before this split lack it
+            lines[-1] += (f" The goal's mean error across the first camera's image: {p['goal_across_cm']:.1f} cm; "
+                          f"along its axis (depth): {p['goal_depth_cm']:.1f} cm.")
     lines += [
         "",
         f"Evaluation seeds {scores['seeds'][0]}..{scores['seeds'][-1]} are disjoint from every training seed "
