@@ -430,6 +430,9 @@ def test_the_marker_keys_need_the_projects_ids(tmp_path):
     assert_user_error(proc, "env.render_shadows")
     proc = run_script("01_generate_rollouts", config, "--set", "env.views=2")
     assert_user_error(proc, "env.views", "PandaReachMarkerJoints-v3")
+    marker = write_config(tmp_path, tmp_path / "run", **TINY_PANDA)  # views: 2
+    proc = run_script("01_generate_rollouts", marker, "--set", "env.render_size=83")
+    assert_user_error(proc, "env.render_size", "even")
     assert not os.path.exists(tmp_path / "run")
 
 

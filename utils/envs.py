@@ -51,7 +51,8 @@ def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = 
 
     Raises:
         UserError: the id is not a registered gymnasium (or panda-gym) env, panda-gym is not installed, or
-            env.goal_radius / env.render_shadows / env.views changed for one of panda-gym's own ids.
+            env.goal_radius / env.render_shadows / env.views changed for one of panda-gym's own ids, or an odd
+            env.render_size with env.views: 2.
     """
     kwargs = {"max_episode_steps": env_cfg.max_episode_steps}
     if is_panda(env_cfg.id):
@@ -66,6 +67,9 @@ def make_env(env_cfg: EnvConfig, render_mode: str | None = None, pixels: bool = 
             register_marker_envs()
             kwargs |= {"goal_radius": env_cfg.goal_radius, "shadows": env_cfg.render_shadows}
             if env_cfg.views == 2:
+                if env_cfg.render_size % 2:
+                    raise UserError(f"env.render_size: two views share the frame's width, so it must be even; got "
+                                    f"{env_cfg.render_size}")
                 kwargs["second_view"] = (env_cfg.view2_distance, env_cfg.view2_yaw, env_cfg.view2_pitch)
         else:
             changed = [key for key, differs in (("env.goal_radius", env_cfg.goal_radius != PANDA_GYM_GOAL_RADIUS),
@@ -112,7 +116,10 @@ def check_env(env_cfg: EnvConfig) -> None:
 def camera_axes(env_cfg: EnvConfig) -> np.ndarray:
     """PandaReach: float64 (3, 3) whose rows are the first camera's right, up and backward unit vectors in the world
     frame (pybullet's view matrix for env.camera_*), so `axes @ v` gives a world vector v (m) in camera
-    coordinates: across the image (right, up) and along the camera's axis (depth, towards the camera)."""
+    coordinates: across the image (right, up) and along the camera's axis (depth, towards the camera).
+
+    Follows pybullet's computeViewMatrixFromYawPitchRoll (an OpenGL look-at matrix), the call panda-gym's render
+    makes; raises nothing for finite angles."""
     import pybullet  # panda-gym's simulator; computing a view matrix needs no physics client
 
     view = pybullet.computeViewMatrixFromYawPitchRoll(
