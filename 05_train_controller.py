@@ -158,7 +158,7 @@ def train_actor_critic(cfg, args, vision_path: str, mdnrnn_path: str, memory, lo
     files = list_episodes(stage_dir(cfg, "latents"), "latents")
     check_latents(files)
     train, _ = split_episodes(files, cfg.memory.holdout_fraction, cfg.seed)  # M's own training episodes
-    seed_everything(cfg.seed)  # the networks' initial weights: a rerun of the same config is the same run
+    seed_everything(cfg.controller_seed)  # the networks' initial weights: a rerun of the same config is the same run
     ac = ActorCritic.for_world_model(cc.model_config(), memory.feature_dim, low, high)
     trainer = ImaginationTrainer(cfg, vision_path, mdnrnn_path, memory, ac, train or files, stage_dir(cfg, "controller"))
     state = trainer.load_or_create(args.overwrite)  # a bad resume state stops the stage before anything is written

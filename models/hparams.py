@@ -40,6 +40,8 @@ def check_value(f: dataclasses.Field, value: Any) -> str | None:
     meta = f.metadata
     if meta.get("choices") is not None and value not in meta["choices"]:
         return f"expected one of {tuple(meta['choices'])}, got {value!r}"
+    if value is None:  # an optional key left null (its type allows it): no bounds to check
+        return None
     if isinstance(value, float) and not math.isfinite(value):
         return f"expected a finite number, got {value!r}"
     if meta.get("minimum") is not None and not value >= meta["minimum"]:

@@ -9,12 +9,27 @@ import numpy as np
 import pytest
 
 from conftest import CreatesAFile, assert_ok, assert_user_error, run_script, write_config
-from utils.cmaes_trainer import ResumableCMAES, load_search_state, save_search_state
+from utils.cmaes_trainer import ResumableCMAES, generation_seeds, heldout_seeds, load_search_state, save_search_state
+from utils.config import load_config
 from utils.errors import UserError
 
 
 def fitness(candidates):
     return [float(np.sum((c - 0.3) ** 2)) for c in candidates]
+
+
+def test_controller_seed_moves_cs_episodes_only(tmp_path):
+    """controller.seed null trains C on the run seed's episodes; another value gives other training and
+    held-out episodes (several C seeds on one V and M), while 06's goals stay those of the run seed."""
+    path = write_config(tmp_path, tmp_path / "run", seed=4)
+    run = load_config([path])
+    other = load_config([path], ["controller.seed=7"])
+    same = load_config([path], ["controller.seed=4"])
+    assert run.controller.seed is None and run.controller_seed == 4 and other.controller_seed == 7
+    assert generation_seeds(run, 3) == generation_seeds(same, 3) and heldout_seeds(run) == heldout_seeds(same)
+    assert not set(generation_seeds(run, 3)) & set(generation_seeds(other, 3))
+    assert not set(heldout_seeds(run)) & set(heldout_seeds(other))
+    assert other.seed == run.seed  # 06's goals (utils/evaluation.py) and M's episode split derive from it
 
 
 def test_resumed_search_asks_exactly_what_an_uninterrupted_one_asks(tmp_path):

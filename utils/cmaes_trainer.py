@@ -62,13 +62,13 @@ HISTORY_FIELDS = [
 
 def heldout_seeds(cfg: Config) -> list[int]:
     """The fixed tracks on which the CMA-ES mean is re-evaluated during training."""
-    return [env_seed(cfg.seed, "controller_holdout", i) for i in range(cfg.controller.eval_episodes)]
+    return [env_seed(cfg.controller_seed, "controller_holdout", i) for i in range(cfg.controller.eval_episodes)]
 
 
 def generation_seeds(cfg: Config, generation: int) -> list[int]:
     """The tracks every candidate of `generation` (0-based) plays: new ones each generation."""
     r = cfg.controller.rollouts_per_candidate
-    return [env_seed(cfg.seed, "controller_train", generation * r + j) for j in range(r)]
+    return [env_seed(cfg.controller_seed, "controller_train", generation * r + j) for j in range(r)]
 
 
 def _write_history(path: str, history: list[dict]) -> None:
@@ -232,7 +232,7 @@ class ControllerTrainer:
 
     def _search(self, arrays: dict | None = None) -> ResumableCMAES:
         cc = self.cfg.controller
-        args = (self.controller.num_params, cc.sigma0, cc.popsize, self.cfg.seed + 1)
+        args = (self.controller.num_params, cc.sigma0, cc.popsize, self.cfg.controller_seed + 1)
         return ResumableCMAES(*args, self.x0) if arrays is None else ResumableCMAES.restore(*args, arrays)
 
     def _new_state(self) -> dict:
@@ -249,7 +249,7 @@ class ControllerTrainer:
         arrays, meta = load_search_state(self.state_path)
         cc = self.cfg.controller
         expected = {"num_params": self.controller.num_params, "env": cc.env, "popsize": cc.popsize,
-                    "sigma0": cc.sigma0, "seed": self.cfg.seed}
+                    "sigma0": cc.sigma0, "seed": self.cfg.controller_seed}
         for key, value in expected.items():
             if meta.get(key) != value:
                 raise UserError(f"{self.state_path}: saved with {key}={meta.get(key)}, this run has {value}; "
@@ -272,7 +272,7 @@ class ControllerTrainer:
     def _save_state(self, state: dict) -> None:
         cc, best = self.cfg.controller, state["best"]
         meta = {"num_params": self.controller.num_params, "env": cc.env, "popsize": cc.popsize, "sigma0": cc.sigma0,
-                "seed": self.cfg.seed, "input_sha256": self.input_sha256, "inputs": self.paths,
+                "seed": self.cfg.controller_seed, "input_sha256": self.input_sha256, "inputs": self.paths,
                 "generation": state["generation"], "history": state["history"], "elapsed_s": state["elapsed_s"],
                 "best": None if best is None else {k: v for k, v in best.items() if k != "params"}}
         save_search_state(self.state_path, state["search"], meta, None if best is None else best["params"])
@@ -302,7 +302,7 @@ class ControllerTrainer:
         """All candidates x rollouts in one batched dream rollout, from the same starts per generation."""
         cfg, cc = self.cfg, self.cfg.controller
         mdnrnn, start_z, windows = self.dream
-        rng = np.random.default_rng([cfg.seed, generation])
+        rng = np.random.default_rng([cfg.controller_seed, generation])
         r = cc.rollouts_per_candidate
         if cc.dream_starts == "anywhere":  # M's state after a real window ending anywhere in an episode
             pairs = windows.windows(rng)

@@ -169,6 +169,9 @@ class ControllerConfig(LinearControllerConfig):
                               choices=("reset", "anywhere"))
     init_from: str = param("", "linear C: a controller.pt whose C (the one evaluate.params names) is CMA-ES's "
                            "initial mean; empty: zeros")
+    seed: int | None = param(None, "seed of C's training alone (CMA-ES's draws, its training and held-out "
+                             "episodes, the initial weights; M's episode split and 06's goals keep the run seed): "
+                             "several C seeds on one V and M; null: the run's seed", minimum=0)
     popsize: int = param(16, "CMA-ES population (cma needs at least 2)", minimum=2)
     rollouts_per_candidate: int = param(2, "fitness = mean return over this many episodes", minimum=1)
     generations: int = param(100, "CMA-ES generations", minimum=1)
@@ -272,6 +275,11 @@ class Config:
     evaluate: EvaluateConfig = param(EvaluateConfig(), "stage 06")
     backend: BackendConfig = param(BackendConfig(), "where stages 01, 05 and 06 play the real env")
     iterative: IterativeConfig = param(IterativeConfig(), "python -m utils.iterative: rounds of 01-06")
+
+    @property
+    def controller_seed(self) -> int:
+        """The seed of C's training (stage 05): controller.seed, or the run's seed where that is null."""
+        return self.seed if self.controller.seed is None else self.controller.seed
 
 
 # Keys that were renamed: a config that still uses the old name gets told the new one.

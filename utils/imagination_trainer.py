@@ -126,7 +126,7 @@ class ImaginationTrainer:
     def _start_states(self, update: int):
         """M's filtered states on `batch_windows` windows drawn for this update (seeded by run seed and update)."""
         cc = self.cfg.controller
-        rng = np.random.default_rng([self.cfg.seed, 5, update])
+        rng = np.random.default_rng([self.cfg.controller_seed, 5, update])
         pairs = self.windows.windows(rng)
         picked = [pairs[i] for i in rng.choice(len(pairs), size=cc.batch_windows, replace=len(pairs) < cc.batch_windows)]
         b = {k: torch.from_numpy(v) for k, v in self.windows.batch(picked).items()}
@@ -149,8 +149,8 @@ class ImaginationTrainer:
                 start, sums, n = time.perf_counter(), {}, 0
                 block = min(cc.eval_every, cc.updates - state["update"])
                 for u in range(state["update"], state["update"] + block):
-                    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + u)
-                    torch.manual_seed(cfg.seed * 1_000_003 + u)  # the actor's own sampling (rsample)
+                    generator = torch.Generator().manual_seed(cfg.controller_seed * 1_000_003 + u)
+                    torch.manual_seed(cfg.controller_seed * 1_000_003 + u)  # the actor's own sampling (rsample)
                     out = imagination_update(self.memory, self.ac, self.actor_opt, self.critic_opt,
                                              self._start_states(u), generator)
                     for k, v in out.items():
