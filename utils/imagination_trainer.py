@@ -124,7 +124,8 @@ class ImaginationTrainer:
         self.ac.set_params(final)
 
     def _start_states(self, update: int):
-        """M's filtered states on `batch_windows` windows drawn for this update (seeded by C's seed, cfg.controller_seed, and update)."""
+        """M's filtered states on `batch_windows` windows drawn for this update (seeded by C's seed,
+        cfg.controller_seed, and the update)."""
         cc = self.cfg.controller
         rng = np.random.default_rng([self.cfg.controller_seed, 5, update])
         pairs = self.windows.windows(rng)
