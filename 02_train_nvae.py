@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     train, held = split_episodes(files, cfg.vision.holdout_fraction, cfg.seed)
     if not held:
         raise UserError(f"{rollouts}: need at least 2 episodes to hold one out (found {len(files)})")
+    if cfg.vision.joint_kinematics and not cfg.vision.position_heads:
+        raise UserError("vision.joint_kinematics: true needs vision.position_heads: true (it replaces the heads' "
+                        "gripper)")
     if cfg.vision.position_heads:
-        check_position_labels(files)
+        check_position_labels(files, cfg.vision.joint_kinematics)
     model = build_model("vision", cfg.vision.kind, cfg.vision.model_config(), frame_size=cfg.env.frame_size)
     device = resolve_device(cfg.vision.device)
     out_dir = open_stage_dir(cfg, "vision")
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"[02] best held-out epoch {best['epoch']}: neg_elbo {best['val_neg_elbo']:.1f} nats, mse {best['val_mse']:.5f}"
           + (f", position heads: goal {best['val_goal_cm']:.1f} cm, gripper {best['val_gripper_cm']:.1f} cm"
-             if "val_goal_cm" in best else ""))
+             if "val_goal_cm" in best else "")
+          + (f", joint kinematics: gripper {best['val_kinematics_cm']:.2f} cm" if "val_kinematics_cm" in best else ""))
 
 
 if __name__ == "__main__":

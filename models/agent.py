@@ -10,8 +10,9 @@ A frame's path from the env to an action, all in models/:
     -> M.transition(state, action)          the state for the next frame
 
 On PandaReach, C may also read info["proprio"] (the 7 joint angles), V's
-position heads on z (goal minus gripper) and, as an upper bound, the goal from
-the state (controller.inputs).
+position heads on z (goal minus gripper; the gripper from V's joint kinematics
+on the joint angles for offset_kinematics_proprio) and, as an upper bound, the
+goal from the state (controller.inputs).
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ class Agent:
         """
         z, _ = self.vision.encode(frames_to_tensor(frame[None]))  # (1, D): the posterior mean
         self.state = self.memory.observe(self.state, z)
-        positions = self.vision.positions(z) if self.controller.reads_positions else None  # (1, 2, 3), m
+        positions = None
+        if self.controller.reads_positions:  # (1, 2, 3), m: the goal from z; the gripper too, or from the joint angles
+            joints = torch.from_numpy(np.asarray((info or {})["proprio"], dtype=np.float32))[None] \
+                if self.controller.reads_joint_kinematics else None
+            positions = self.vision.positions(z, joints)
         action = self.controller(self.memory.features(self.state), self.controller.extra_inputs(info or {}, positions))
         if noise_std > 0:
             action = torch.from_numpy(perturb_in_bounds(action.numpy(), self.controller.low, self.controller.high,

@@ -19,8 +19,12 @@ Inputs in the units a linear C can use (PandaReach; shared/guide/panda.md: on
 - offset_proprio: [(g^ - e^) / 10 cm, q - q0], with g^ and e^ V's position
   heads' goal and gripper read from z_t (pixels), q0 the arm's neutral pose;
 - offset: [(g^ - e^) / 10 cm] alone (pixels only);
+- offset_kinematics_proprio: [(g^ - e(q)) / 10 cm, q - q0]: the goal from V's
+  heads (pixels), the gripper from V's joint kinematics e(q) (the joint
+  angles; models/vae.py), so a pose the pixels were not trained on does not
+  corrupt the gripper's position;
 - state_offset_proprio: [(g - ee) / 10 cm, q - q0] with g and ee from the
-  env's state: the upper bound of the two above.
+  env's state: the upper bound of the ones above.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ POSITION_UNIT = 0.1  # m: C reads goal-minus-gripper offsets in 10 cm units
 @dataclass(frozen=True)
 class ControllerInputs:
     """What C reads, in this order: M's features ([z, h] for the MDN-RNN) if `features`; the goal-minus-gripper
-    offset / POSITION_UNIT if `offset` is "vision" (V's position heads on z) or "state" (the env info's
+    offset / POSITION_UNIT if `offset` is "vision" (V's position heads on z), "vision_kinematics" (the goal from
+    V's heads, the gripper from V's joint kinematics on info["proprio"]) or "state" (the env info's
     desired_goal and achieved_goal); then the env info entries `info` (utils.envs.info_input_dims)."""
 
     features: bool
@@ -52,9 +57,11 @@ INPUTS = {
     "z_h_proprio_goal": ControllerInputs(True, ("proprio", "desired_goal")),
     "offset_proprio": ControllerInputs(False, ("proprio_centred",), "vision"),
     "offset": ControllerInputs(False, (), "vision"),
+    "offset_kinematics_proprio": ControllerInputs(False, ("proprio_centred",), "vision_kinematics"),
     "state_offset_proprio": ControllerInputs(False, ("proprio_centred",), "state"),
 }
-OFFSET_INFO = {"vision": (), "state": ("desired_goal", "achieved_goal"), None: ()}  # the info an offset reads
+OFFSET_INFO = {"vision": (), "vision_kinematics": ("proprio",), "state": ("desired_goal", "achieved_goal"),
+               None: ()}  # the info an offset reads
 
 
 def needed_info(inputs: str) -> tuple[str, ...]:
@@ -140,7 +147,9 @@ class LinearControllerConfig:
                         "pixels only) | z_h_proprio (+ the joint angles; PandaReach) | z_h_proprio_goal (+ the goal "
                         "position from the state: an upper bound, not from pixels) | offset_proprio ((goal - gripper) "
                         "/ 10 cm from V's position heads, joint angles minus the neutral pose) | offset (the offset "
-                        "alone: pixels only) | state_offset_proprio (the offset from the state: the upper bound)",
+                        "alone: pixels only) | offset_kinematics_proprio (as offset_proprio, the gripper from V's joint "
+                        "kinematics on the joint angles) | state_offset_proprio (the offset from the state: the upper "
+                        "bound)",
                         choices=tuple(INPUTS))
 
 
@@ -201,18 +210,23 @@ class LinearController:
     @property
     def reads_positions(self) -> bool:
         """True when C reads V's position heads (the agent then passes them to `extra_inputs`)."""
-        return INPUTS[self.inputs].offset == "vision"
+        return INPUTS[self.inputs].offset in ("vision", "vision_kinematics")
+
+    @property
+    def reads_joint_kinematics(self) -> bool:
+        """True when the gripper C reads comes from V's joint kinematics on info["proprio"] (V.positions(z, q))."""
+        return INPUTS[self.inputs].offset == "vision_kinematics"
 
     def extra_inputs(self, info: dict, positions: torch.Tensor | None = None) -> torch.Tensor | None:
         """C's inputs besides M's features, float32 (1, E), or None for z_h: the offset (ControllerInputs), then
         info[key] for the spec's info entries.
 
         info: the env info of the frame's step; positions: V.positions(z) float32 (1, 2, 3) (goal, gripper, m),
-        needed when `reads_positions`.
+        needed when `reads_positions` (V.positions(z, q) when `reads_joint_kinematics`).
         """
         spec = INPUTS[self.inputs]
         parts = []
-        if spec.offset == "vision":
+        if self.reads_positions:
             parts.append((positions[:, 0] - positions[:, 1]).float() / POSITION_UNIT)
         elif spec.offset == "state":
             goal, gripper = (np.asarray(info[k], dtype=np.float32) for k in ("desired_goal", "achieved_goal"))

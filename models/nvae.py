@@ -60,7 +60,8 @@ import torch.nn.functional as F
 
 from models.hparams import param
 from models.likelihood import output_channels, pixel_mean, reconstruction_nll
-from models.vae import PositionHeads, VAEConfig, add_position_terms, gaussian_kl, read_positions
+from models.vae import (PositionHeads, VAEConfig, add_position_terms, gaussian_kl, make_joint_kinematics,
+                        read_positions)
 
 BN_MOMENTUM = 0.05
 RESIDUAL_SCALE = 0.1
@@ -299,6 +300,7 @@ class NVAE(nn.Module):
         )
         self._spectral_u: dict[str, torch.Tensor] = {}
         self.position_heads = PositionHeads(z_dim) if config.position_heads else None  # models/vae.py
+        self.joint_kinematics = make_joint_kinematics(config)
 
     def sizes(self) -> dict:
         """The sizes the data fixed (stored beside the config in a checkpoint)."""
@@ -384,13 +386,14 @@ class NVAE(nn.Module):
         h, _ = self._top_down(None, z_top, temperature, len(z))
         return self._pixels(h)
 
-    def positions(self, z: torch.Tensor) -> torch.Tensor:
-        """z float32 (B, z_dim) (the top group) -> the position heads' goal and gripper float32 (B, 2, 3), m.
+    def positions(self, z: torch.Tensor, joints: torch.Tensor | None = None) -> torch.Tensor:
+        """z float32 (B, z_dim) (the top group) -> the position heads' goal and gripper float32 (B, 2, 3), m; with
+        joints float32 (B, 7) (rad), the gripper from the joint kinematics instead (models/vae.py).
 
         Raises:
-            ValueError: an NVAE trained without position heads.
+            ValueError: an NVAE trained without position heads (or without joint kinematics, given joints).
         """
-        return read_positions(self, z)
+        return read_positions(self, z, joints)
 
     def sample_prior(self, n: int, temperature: float = 1.0) -> torch.Tensor:
         """n frames with every group (the top one too) drawn from the prior at `temperature`."""
@@ -410,14 +413,15 @@ class NVAE(nn.Module):
 
     # ------------------------------------------------------------------ objective
     def loss(self, x: torch.Tensor, kl_coeff: float = 1.0, kl_balance: bool = False,
-             positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+             positions: torch.Tensor | None = None, proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms for x float32 (B, 3, S, S) in [0, 1]; scalars averaged over the batch, nats/image.
 
         `recon` = -log p(x | z), `kl` = sum over groups of KL(q || p), `neg_elbo` = recon + kl,
         `loss` = recon + kl_coeff * (balanced) KL, with the top group's KL floored at its free
         nats (module docstring): the objective of the warm-up phase. With position heads and positions float32
         (B, 2, 3) (the recorded goal and gripper, m), `loss` adds their NLL, read from a sample of the top
-        group's posterior (models.vae.position_terms).
+        group's posterior (models.vae.position_terms); with joint kinematics and proprio float32 (B, 7) (rad),
+        its NLL too (models.vae.kinematics_terms).
         """
         feats = self._encoder_features(x)
         h, kls = self._top_down(feats, None, 1.0, len(x))
@@ -437,16 +441,16 @@ class NVAE(nn.Module):
             return terms
         mu, logsig = self.posterior[0](feats[0]).chunk(2, dim=1)  # the top group's posterior, as in encode
         mu, sig = mu.flatten(1), torch.exp(soft_clamp(logsig)).flatten(1)
-        return add_position_terms(self, terms, mu + sig * torch.randn_like(mu), mu, positions)
+        return add_position_terms(self, terms, mu + sig * torch.randn_like(mu), mu, positions, proprio)
 
-    def objective(self, x: torch.Tensor, progress: float, positions: torch.Tensor | None = None
-                  ) -> dict[str, torch.Tensor]:
+    def objective(self, x: torch.Tensor, progress: float, positions: torch.Tensor | None = None,
+                  proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The training loss of one batch at `progress` in [0, 1] of training: `loss` with KL warm-up and
         balancing (config.nvae) plus spectral_lambda times the regulariser (`reg`), beside `loss`'s terms
-        and the warm-up's `kl_coeff`; positions as in `loss`."""
+        and the warm-up's `kl_coeff`; positions and proprio as in `loss`."""
         n = self.config.nvae
         kl_coeff = kl_warmup_coeff(progress, n.kl_warmup_fraction)
-        terms = self.loss(x, kl_coeff=kl_coeff, kl_balance=n.kl_balance, positions=positions)
+        terms = self.loss(x, kl_coeff=kl_coeff, kl_balance=n.kl_balance, positions=positions, proprio=proprio)
         terms["reg"] = self.regularization()
         terms["loss"] = terms["loss"] + n.spectral_lambda * terms["reg"]
         terms["kl_coeff"] = torch.tensor(kl_coeff)

@@ -17,6 +17,14 @@ the Gaussian NLL of the recorded positions (std `position_std`), so that z has
 to carry them however few pixels they cover; this is the auxiliary-task route of
 e.g. Jaderberg et al. 2017 (UNREAL). At test time only pixels go in: the heads
 read V's z, never the env's state.
+
+Joint kinematics (PandaReach, `joint_kinematics: true`, with the heads): a
+second small MLP maps the arm's 7 joint angles (rad) to the gripper's position
+(m), trained beside the heads on the recorded proprio and achieved_goal: a
+learned forward kinematics. The controller input offset_kinematics_proprio
+reads the goal from V's heads (pixels) and the gripper from this map (the
+joint angles), which stays right where the arm leaves the poses the pixels were
+trained on.
 """
 
 from __future__ import annotations
@@ -55,6 +63,33 @@ class PositionHeads(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).view(-1, len(POSITION_NAMES), 3)
+
+
+class JointKinematics(nn.Module):
+    """Joint angles q float32 (B, 7), rad -> the gripper's position float32 (B, 3), m: a learned forward
+    kinematics (two hidden layers of `hidden` SiLU units), trained on the rollouts' proprio and achieved_goal."""
+
+    def __init__(self, joints: int = 7, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(joints, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 3))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.net(q)
+
+
+def kinematics_terms(kinematics: JointKinematics, proprio: torch.Tensor, gripper: torch.Tensor,
+                     std: float) -> dict[str, torch.Tensor]:
+    """The joint kinematics' loss terms for a batch: `kinematics` = its Gaussian NLL (nats/image, std `std` m)
+    and `kinematics_cm` = its mean Euclidean error, cm, without gradient.
+
+    proprio: float32 (B, 7) joint angles, rad; gripper: float32 (B, 3) the recorded gripper positions, m.
+    """
+    predicted = kinematics(proprio)
+    terms = {"kinematics": position_nll(predicted[:, None], gripper[:, None], std).mean()}
+    with torch.no_grad():
+        terms["kinematics_cm"] = 100 * (predicted - gripper).norm(dim=-1).mean()
+    return terms
 
 
 def position_terms(heads: PositionHeads, z: torch.Tensor, mu: torch.Tensor, positions: torch.Tensor,
@@ -102,6 +137,9 @@ class VAEConfig:
                                  "offset inputs read them (controller.inputs)")
     position_std: float = param(0.01, "std (m) of the position heads' Gaussian likelihood: an error of one std "
                                 "costs 0.5 nat per coordinate", above=0)
+    joint_kinematics: bool = param(False, "PandaReach, with position_heads: an MLP from the joint angles (rad) to "
+                                   "the gripper's position (m), trained with V on the rollouts' proprio and "
+                                   "achieved_goal; controller.inputs offset_kinematics_proprio reads it")
 
 
 class ConvVAE(nn.Module):
@@ -145,6 +183,7 @@ class ConvVAE(nn.Module):
             nn.ConvTranspose2d(32, out_channels, 6, stride=2),  # (B, C, 64, 64): the likelihood's params
         )
         self.position_heads = PositionHeads(z_dim) if config.position_heads else None
+        self.joint_kinematics = make_joint_kinematics(config)
 
     def sizes(self) -> dict:
         """The sizes the data fixed (stored beside the config in a checkpoint)."""
@@ -167,24 +206,27 @@ class ConvVAE(nn.Module):
         """z (B, z_dim) -> the likelihood's params float32 (B, C, 64, 64) (models/likelihood.py)."""
         return self.decoder(self.from_z(z)[:, :, None, None])
 
-    def positions(self, z: torch.Tensor) -> torch.Tensor:
-        """z float32 (B, z_dim) -> the position heads' goal and gripper float32 (B, 2, 3), m.
+    def positions(self, z: torch.Tensor, joints: torch.Tensor | None = None) -> torch.Tensor:
+        """z float32 (B, z_dim) -> the position heads' goal and gripper float32 (B, 2, 3), m; with joints float32
+        (B, 7) (rad), the gripper from the joint kinematics instead.
 
         Raises:
-            ValueError: a V trained without position heads.
+            ValueError: a V trained without position heads (or without joint kinematics, given joints).
         """
-        return read_positions(self, z)
+        return read_positions(self, z, joints)
 
     def sample_prior(self, n: int, temperature: float = 1.0) -> torch.Tensor:
         """n frames decoded from z ~ N(0, temperature^2 I): float32 (n, 3, 64, 64)."""
         z = torch.randn(n, self.z_dim, device=self.to_mu.weight.device) * temperature
         return self.decode(z)
 
-    def loss(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def loss(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+             proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training loss and ELBO terms for a batch, all scalars averaged over the batch.
 
         x float32 (B, 3, 64, 64) in [0, 1]; positions: float32 (B, 2, 3), the recorded goal and gripper (m), for
-        a V with position heads (ignored without). Returns a dict: `recon` = -log p(x|z) (nats/image, one
+        a V with position heads (ignored without); proprio: float32 (B, 7), the joint angles (rad), for a V with
+        joint kinematics (`kinematics` and `kinematics_cm` join the terms). Returns a dict: `recon` = -log p(x|z) (nats/image, one
         reparameterised sample), `kl` (nats/image), `neg_elbo` = recon + kl, and `loss` = recon + max(kl,
         kl_tolerance * z_dim) (+ the heads' NLL `positions`, with `goal_cm` and `gripper_cm`: `position_terms`)
         used for the gradient.
@@ -200,13 +242,13 @@ class ConvVAE(nn.Module):
             "kl": kl,
             "neg_elbo": recon + kl,
         }
-        return add_position_terms(self, terms, z, mu, positions)
+        return add_position_terms(self, terms, z, mu, positions, proprio)
 
-    def objective(self, x: torch.Tensor, progress: float, positions: torch.Tensor | None = None
-                  ) -> dict[str, torch.Tensor]:
+    def objective(self, x: torch.Tensor, progress: float, positions: torch.Tensor | None = None,
+                  proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The training loss of one batch: `loss` itself (the conv VAE has no schedule; `progress` in
         [0, 1] is accepted so that both V kinds train through one call)."""
-        return self.loss(x, positions)
+        return self.loss(x, positions, proprio)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,22 +256,48 @@ class ConvVAE(nn.Module):
         return self.decode(self.encode(x)[0])
 
 
-def read_positions(vision: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """The position heads of V (either kind) on z float32 (B, z_dim) -> float32 (B, 2, 3), m.
+def make_joint_kinematics(config: VAEConfig) -> JointKinematics | None:
+    """The joint kinematics of a V config, or None.
 
     Raises:
-        ValueError: a V trained without position heads.
+        ValueError: joint_kinematics without position_heads (it is trained and read beside them).
+    """
+    if not config.joint_kinematics:
+        return None
+    if not config.position_heads:
+        raise ValueError("vision.joint_kinematics needs vision.position_heads: true (it replaces the heads' gripper)")
+    return JointKinematics()
+
+
+def read_positions(vision: nn.Module, z: torch.Tensor, joints: torch.Tensor | None = None) -> torch.Tensor:
+    """The position heads of V (either kind) on z float32 (B, z_dim) -> float32 (B, 2, 3), m: the goal and the
+    gripper; given joints float32 (B, 7) (rad), the gripper comes from V's joint kinematics instead.
+
+    Raises:
+        ValueError: a V trained without position heads, or joints given to a V without joint kinematics.
     """
     if vision.position_heads is None:
         raise ValueError("this V has no position heads (train it with vision.position_heads: true)")
-    return vision.position_heads(z)
+    positions = vision.position_heads(z)
+    if joints is None:
+        return positions
+    if getattr(vision, "joint_kinematics", None) is None:
+        raise ValueError("this V has no joint kinematics (train it with vision.joint_kinematics: true)")
+    return torch.stack([positions[:, 0], vision.joint_kinematics(joints.to(positions.dtype))], dim=1)
 
 
 def add_position_terms(vision: nn.Module, terms: dict, z: torch.Tensor, mu: torch.Tensor,
-                       positions: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                       positions: torch.Tensor | None, proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """`terms` plus the position heads' (`position_terms`), their NLL added to `loss`, when V has heads and the
-    batch has positions; `terms` unchanged otherwise."""
+    batch has positions; and the joint kinematics' (`kinematics_terms`, on the gripper of `positions`) when V has
+    it and the batch has proprio float32 (B, 7); `terms` unchanged otherwise."""
     if vision.position_heads is None or positions is None:
         return terms
-    heads = position_terms(vision.position_heads, z, mu, positions, vision.config.position_std)
-    return {**terms, **heads, "loss": terms["loss"] + heads["positions"]}
+    std = vision.config.position_std
+    heads = position_terms(vision.position_heads, z, mu, positions, std)
+    out = {**terms, **heads, "loss": terms["loss"] + heads["positions"]}
+    kinematics = getattr(vision, "joint_kinematics", None)
+    if kinematics is not None and proprio is not None:
+        joint_terms = kinematics_terms(kinematics, proprio, positions[:, 1], std)
+        out = {**out, **joint_terms, "loss": out["loss"] + joint_terms["kinematics"]}
+    return out

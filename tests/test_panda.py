@@ -173,6 +173,76 @@ def test_position_heads_loss_is_the_gaussian_nll_of_the_recorded_positions():
         plain.positions(torch.zeros(1, 8))
 
 
+def test_joint_kinematics_loss_reads_and_refusals():
+    """Both V kinds with vision.joint_kinematics: `kinematics` = -log N(gripper; e(q), std^2) summed over 3
+    coordinates (against torch.distributions), added to `loss`, with kinematics_cm its error; positions(z, q)
+    keeps the heads' goal and puts e(q) in the gripper's place; a V without it refuses q; it needs the heads."""
+    import dataclasses
+
+    from models.hparams import config_from_dict
+    from models.nvae import NVAE, NVAEConfig
+    from models.vae import ConvVAE, VAEConfig
+
+    torch.manual_seed(0)
+    x, q = torch.rand(4, 3, 64, 64), torch.rand(4, 7) * 2 - 1
+    target = torch.rand(4, 2, 3) * 0.3
+    keys = {f.name for f in dataclasses.fields(NVAEConfig)}
+    nvae_config = config_from_dict(NVAEConfig, {**{k: v for k, v in NVAE_TINY.items() if k in keys},
+                                                "position_heads": True, "joint_kinematics": True, "position_std": 0.02})
+    for vision in (ConvVAE(VAEConfig(z_dim=8, position_heads=True, joint_kinematics=True, position_std=0.02)),
+                   NVAE(nvae_config)):
+        vision.eval()
+        mu, _ = vision.encode(x)
+        gripper = vision.joint_kinematics(q)
+        assert gripper.shape == (4, 3) and gripper.dtype == torch.float32
+        both = vision.positions(mu, q)
+        torch.testing.assert_close(both[:, 0], vision.positions(mu)[:, 0])
+        torch.testing.assert_close(both[:, 1], gripper)
+        torch.manual_seed(1)
+        with_q = vision.loss(x, positions=target, proprio=q)
+        torch.manual_seed(1)
+        without = vision.loss(x, positions=target)
+        assert set(with_q) - set(without) == {"kinematics", "kinematics_cm"}
+        expected = -torch.distributions.Normal(gripper, 0.02).log_prob(target[:, 1]).sum(1).mean()
+        torch.testing.assert_close(with_q["kinematics"], expected)
+        torch.testing.assert_close(with_q["loss"] - without["loss"], expected, rtol=1e-4, atol=1e-3)  # loss ~1e4
+        torch.testing.assert_close(with_q["kinematics_cm"], 100 * (gripper - target[:, 1]).norm(dim=-1).mean())
+    heads_only = ConvVAE(VAEConfig(z_dim=8, position_heads=True))
+    with pytest.raises(ValueError, match="no joint kinematics"):
+        heads_only.positions(torch.zeros(1, 8), torch.zeros(1, 7))
+    with pytest.raises(ValueError, match="needs vision.position_heads"):
+        ConvVAE(VAEConfig(z_dim=8, joint_kinematics=True))
+
+
+def test_offset_kinematics_controller_reads_the_gripper_from_the_joint_angles():
+    """offset_kinematics_proprio: [(g^ - e(q)) / 0.1 m, q - q0] with g^ from V's heads on z and e(q) from V's joint
+    kinematics on info['proprio']; the agent hands V the joint angles, and C's action is tanh(W x + b) of them."""
+    from models.agent import Agent
+    from models.mdnrnn import MDNRNN, MDNRNNConfig
+    from models.vae import ConvVAE, VAEConfig
+
+    torch.manual_seed(0)
+    low, high = -np.ones(7), np.ones(7)
+    vision = ConvVAE(VAEConfig(z_dim=8, position_heads=True, joint_kinematics=True)).eval()
+    memory = MDNRNN(MDNRNNConfig(hidden=16), z_dim=8, action_dim=7).eval()
+    c = LinearController.for_world_model(LinearControllerConfig("offset_kinematics_proprio"), memory.feature_dim,
+                                         low, high, PANDA_INFO_DIMS)
+    assert c.in_dim == 10 and c.reads_positions and c.reads_joint_kinematics and not c.features_only
+    assert c.info_keys == ("proprio", "proprio_centred")
+    assert not LinearController.for_world_model(LinearControllerConfig("offset_proprio"), memory.feature_dim, low,
+                                                high, PANDA_INFO_DIMS).reads_joint_kinematics
+    c.set_params(np.random.default_rng(0).normal(size=c.num_params))
+    frame = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    info = {"proprio": np.linspace(-1, 1, 7).astype(np.float32), "proprio_centred": np.arange(7, dtype=np.float32)}
+    action = Agent(vision, memory, c).act(frame, info)
+    with torch.no_grad():
+        z = vision.encode(torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255)[0]
+        offset = (vision.positions(z)[:, 0] - vision.joint_kinematics(torch.from_numpy(info["proprio"])[None])) / 0.1
+    x = torch.cat([offset, torch.arange(7.0)[None]], dim=1)
+    w, b = c.params[:70].reshape(7, 10), c.params[70:]
+    np.testing.assert_allclose(action, torch.tanh(x @ w.T + b)[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
 TINY_PANDA = {
     "env": {**PANDA_ENV, "id": "PandaReachMarkerJoints-v3", "goal_radius": 0.05, "render_shadows": False, "views": 2},
     "vision": {"position_heads": True},
@@ -241,6 +311,41 @@ def test_offset_controller_needs_a_v_with_position_heads(panda_run, tmp_path):
                       f"run_dir={plain}", "--mdnrnn", os.path.join(panda_run["run_dir"], "mdnrnn", "best.pt"))
     assert_user_error(proc, "controller.inputs", "no_heads/vision/best.pt", "position_heads")
     assert sorted(os.listdir(plain)) == ["vision"]
+
+
+def test_joint_kinematics_end_to_end_and_its_refusals(panda_run, tmp_path):
+    """02-06 with vision.joint_kinematics and controller.inputs=offset_kinematics_proprio on the tiny Panda
+    episodes: V's log and 06 report the kinematics' error; 02 refuses joint_kinematics without the heads, and 05
+    refuses that C beside a V without the kinematics, before writing anything."""
+    run_dir = tmp_path / "kin"
+    os.makedirs(run_dir)
+    shutil.copytree(os.path.join(panda_run["run_dir"], "rollouts"), run_dir / "rollouts", copy_function=os.link)
+    config = panda_run["config"]
+    sets = ["--set", f"run_dir={run_dir}", "vision.joint_kinematics=true", "controller.inputs=offset_kinematics_proprio"]
+    outputs = {stage: run_script(stage, config, *sets) for stage in STAGES[1:]}
+    for proc in outputs.values():
+        assert_ok(proc)
+    log = [json.loads(line) for line in open(run_dir / "vision" / "train_log.jsonl")]
+    assert {"kinematics", "kinematics_cm", "val_kinematics_cm"} <= set(log[-1])
+    c, ckpt = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
+    assert ckpt["config"]["inputs"] == "offset_kinematics_proprio" and c.num_params == 7 * (3 + 7 + 1)
+    scores = json.load(open(run_dir / "eval" / "scores.json"))
+    heads = scores["position_heads"]
+    assert scores["inputs"] == "offset_kinematics_proprio" and np.isfinite(heads["kinematics_cm"])
+    assert f"gripper {heads['kinematics_cm']:.2f} cm" in outputs["06_evaluate"].stdout
+
+    shutil.copytree(run_dir / "rollouts", tmp_path / "no_heads" / "rollouts", copy_function=os.link)
+    proc = run_script("02_train_nvae", config, "--set", f"run_dir={tmp_path / 'no_heads'}",
+                      "vision.joint_kinematics=true", "vision.position_heads=false")
+    assert_user_error(proc, "vision.joint_kinematics", "vision.position_heads")
+    assert os.listdir(tmp_path / "no_heads") == ["rollouts"]
+    plain = tmp_path / "plain"
+    proc = run_script("05_train_controller", config, "--set", f"run_dir={plain}",
+                      "controller.inputs=offset_kinematics_proprio",
+                      "--vision", os.path.join(panda_run["run_dir"], "vision", "best.pt"),
+                      "--mdnrnn", os.path.join(panda_run["run_dir"], "mdnrnn", "best.pt"))
+    assert_user_error(proc, "controller.inputs", "joint kinematics", "vision.joint_kinematics")
+    assert not os.path.exists(plain / "controller")
 
 
 def test_position_heads_need_position_labels(tiny_run, tmp_path):

@@ -97,11 +97,16 @@ def has_position_heads(vision) -> bool:
 
 
 def check_reads_vision(controller_inputs: str, vision, vision_path: str) -> None:
-    """Refuse a C whose inputs read V's position heads (models.controller.INPUTS) beside a V without them.
+    """Refuse a C whose inputs read V's position heads or joint kinematics (models.controller.INPUTS) beside a V
+    without them.
 
     Raises:
         UserError: naming the inputs and the V checkpoint.
     """
-    if INPUTS[controller_inputs].offset == "vision" and not has_position_heads(vision):
+    offset = INPUTS[controller_inputs].offset
+    if offset in ("vision", "vision_kinematics") and not has_position_heads(vision):
         raise UserError(f"controller.inputs: {controller_inputs} reads V's position heads, but {vision_path} has none "
                         "(train V with vision.position_heads: true)")
+    if offset == "vision_kinematics" and getattr(vision, "joint_kinematics", None) is None:
+        raise UserError(f"controller.inputs: {controller_inputs} reads V's joint kinematics, but {vision_path} has "
+                        "none (train V with vision.joint_kinematics: true)")

@@ -43,6 +43,7 @@ def split_episodes(files: list[str], holdout_fraction: float, seed: int) -> tupl
 
 
 POSITION_KEYS = ("desired_goal", "achieved_goal")  # rollout arrays (T, 3), m: the labels of V's position heads
+KINEMATICS_KEY = "proprio"  # rollout array (T, 7), rad: the input of V's joint kinematics
 
 
 def iterate_step_batches(
@@ -101,14 +102,23 @@ def stack_positions(steps: dict[str, np.ndarray]) -> np.ndarray:
     return np.stack([steps[k] for k in POSITION_KEYS], axis=1).astype(np.float32)
 
 
-def check_position_labels(files: list[str]) -> None:
-    """Every rollout holds the position heads' labels (POSITION_KEYS, float (T, 3), finite).
+def check_position_labels(files: list[str], joint_kinematics: bool = False) -> None:
+    """Every rollout holds the position heads' labels (POSITION_KEYS, float (T, 3), finite) and, for V's joint
+    kinematics, the joint angles (KINEMATICS_KEY, float (T, 7), finite).
 
     Raises:
         UserError: naming the first file without them (rollouts of another task, or recorded before 01 saved
             achieved_goal).
     """
     for path in files:
+        if joint_kinematics:
+            header = _npz_header(path)
+            shape = header.get(KINEMATICS_KEY, ((),))[0]
+            if len(shape) != 2 or shape[1] != 7:
+                raise UserError(f"{path}: vision.joint_kinematics needs the per-step {KINEMATICS_KEY} float (T, 7) "
+                                f"(PandaReach rollouts), found {'none' if KINEMATICS_KEY not in header else shape}")
+            if not np.isfinite(load_episode(path, (KINEMATICS_KEY,))[KINEMATICS_KEY]).all():
+                raise UserError(f"{path}: {KINEMATICS_KEY} holds non-finite values")
         steps = load_episode(path, POSITION_KEYS) if set(POSITION_KEYS) <= set(_npz_header(path)) else None
         if steps is None:
             raise UserError(f"{path}: vision.position_heads needs the per-step {' and '.join(POSITION_KEYS)} "

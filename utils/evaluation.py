@@ -19,7 +19,7 @@ from models.dream import DONE_THRESHOLD, dream_frames, dream_score
 from models.likelihood import frames_to_tensor, to_uint8
 from utils.checkpoints import check_reads_vision, has_position_heads, load_model, load_world_model, read_checkpoint
 from utils.cli import stage_dir
-from utils.data import (LATENT_KEYS, POSITION_KEYS, LatentWindows, check_latents, sample_frames, sample_steps,
+from utils.data import (KINEMATICS_KEY, LATENT_KEYS, POSITION_KEYS, LatentWindows, check_latents, sample_frames, sample_steps,
                         stack_positions, start_latents)
 from utils.envs import camera_axes, check_env, goal_marker_mask, info_input_dims, is_panda, make_env
 from utils.episodes import AgentPolicy, agent_task, expected_episode_s, init_agent_worker, run_episode
@@ -156,24 +156,33 @@ def position_head_error(vision, cfg, vision_path: str, n: int) -> dict | None:
     the recorded positions: {"frames", "goal_cm", "gripper_cm" (mean Euclidean errors, cm), "offset_cm" (the error
     of goal minus gripper, what C's offset inputs read), "goal_within_5cm" (fraction), "goal_across_cm" and
     "goal_depth_cm" (the goal's mean error across the first camera's image and along its axis: what one view
-    leaves ambiguous is depth)}; None without held-out files or without position labels in them."""
+    leaves ambiguous is depth)}; with V's joint kinematics also "kinematics_cm" (its gripper's mean error) and
+    "offset_kinematics_cm" (the offset offset_kinematics_proprio reads); None without held-out files or without
+    position labels in them."""
     files = held_out_files(cfg, vision_path)
     if not files or n <= 0:
         return None
+    kinematics = getattr(vision, "joint_kinematics", None) is not None
     try:
-        steps = sample_steps(files, n, cfg.seed, ("obs",) + POSITION_KEYS)
+        steps = sample_steps(files, n, cfg.seed, ("obs",) + POSITION_KEYS + ((KINEMATICS_KEY,) if kinematics else ()))
     except UserError:  # rollouts without labels: nothing to compare with
         return None
     truth = torch.from_numpy(stack_positions(steps))  # (N, 2, 3), m
-    predicted = vision.positions(vision.encode(frames_to_tensor(steps["obs"]))[0])
+    z = vision.encode(frames_to_tensor(steps["obs"]))[0]
+    predicted = vision.positions(z)
     error = (predicted - truth).norm(dim=-1)  # (N, 2), m
-    offset_error = ((predicted[:, 0] - predicted[:, 1]) - (truth[:, 0] - truth[:, 1])).norm(dim=-1)
+    offset_error = lambda p: ((p[:, 0] - p[:, 1]) - (truth[:, 0] - truth[:, 1])).norm(dim=-1)  # noqa: E731
     in_camera = (predicted[:, 0] - truth[:, 0]).double() @ torch.from_numpy(camera_axes(cfg.env)).T  # (N, 3), m
-    return {"frames": len(truth), "goal_cm": float(100 * error[:, 0].mean()),
-            "gripper_cm": float(100 * error[:, 1].mean()), "offset_cm": float(100 * offset_error.mean()),
-            "goal_within_5cm": float((error[:, 0] < 0.05).float().mean()),
-            "goal_across_cm": float(100 * in_camera[:, :2].norm(dim=-1).mean()),
-            "goal_depth_cm": float(100 * in_camera[:, 2].abs().mean())}
+    out = {"frames": len(truth), "goal_cm": float(100 * error[:, 0].mean()),
+           "gripper_cm": float(100 * error[:, 1].mean()), "offset_cm": float(100 * offset_error(predicted).mean()),
+           "goal_within_5cm": float((error[:, 0] < 0.05).float().mean()),
+           "goal_across_cm": float(100 * in_camera[:, :2].norm(dim=-1).mean()),
+           "goal_depth_cm": float(100 * in_camera[:, 2].abs().mean())}
+    if kinematics:
+        with_joints = vision.positions(z, torch.from_numpy(steps[KINEMATICS_KEY].astype(np.float32)))
+        out.update(kinematics_cm=float(100 * (with_joints[:, 1] - truth[:, 1]).norm(dim=-1).mean()),
+                   offset_kinematics_cm=float(100 * offset_error(with_joints).mean()))
+    return out
 
 
 @torch.inference_mode()
@@ -263,6 +272,9 @@ def write_media(cfg, out_dir: str, vision, mdnrnn, controller: LinearController,
                   f"errors); goal within 5 cm in {100 * positions['goal_within_5cm']:.0f} %; the goal's error across "
                   f"the first camera's image {positions['goal_across_cm']:.1f} cm, along its axis "
                   f"{positions['goal_depth_cm']:.1f} cm")
+            if "kinematics_cm" in positions:
+                print(f"[06] V's joint kinematics: gripper {positions['kinematics_cm']:.2f} cm, goal (heads) - gripper "
+                      f"(kinematics) {positions['offset_kinematics_cm']:.1f} cm (mean errors)")
     if plot_training_curves(cfg.run_dir, os.path.join(out_dir, "training_curves.png")):
         media["training curves: V and M per epoch, C per generation"] = "training_curves.png"
     return media, n_gif

@@ -310,6 +310,8 @@ INPUT_NAMES = {"z_h": "pixels: [z, h]", "z_h_proprio": "pixels + joint angles: [
                "z_h_proprio_goal": "pixels + joint angles + goal from the state: [z, h, q, g] (upper bound)",
                "offset_proprio": "pixels (V's position heads) + joint angles: [(g^ - e^) / 10 cm, q - q0]",
                "offset": "pixels only (V's position heads): [(g^ - e^) / 10 cm]",
+               "offset_kinematics_proprio": "pixels (V's goal head) + joint angles (V's joint kinematics): "
+                                            "[(g^ - e(q)) / 10 cm, q - q0]",
                "state_offset_proprio": "the state's goal and gripper + joint angles: [(g - ee) / 10 cm, q - q0] "
                                        "(upper bound)"}
 

@@ -28,7 +28,7 @@ from models.hparams import config_from_dict
 from models.likelihood import frames_to_tensor
 from utils.checkpoints import has_position_heads, read_checkpoint, save_model
 from utils.config import Config, config_to_dict
-from utils.data import (POSITION_KEYS, LatentWindows, iterate_step_batches, sample_steps,
+from utils.data import (KINEMATICS_KEY, POSITION_KEYS, LatentWindows, iterate_step_batches, sample_steps,
                         stack_positions)
 from utils.errors import UserError
 from utils.io import save_text
@@ -179,17 +179,19 @@ def resolve_device(name: str, key: str = "vision.device") -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256, positions: np.ndarray | None = None) -> dict:
+def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256, positions: np.ndarray | None = None,
+                    proprio: np.ndarray | None = None) -> dict:
     """Mean loss terms (nats/image) and MSE of decode(mu) over uint8 frames (N, S, S, 3),
     computed on the model's device; with positions float32 (N, 2, 3) (m) and a V with position heads, also
-    their NLL and error in cm (`goal_cm`, `gripper_cm`: models.vae.position_terms)."""
+    their NLL and error in cm (`goal_cm`, `gripper_cm`: models.vae.position_terms); with proprio float32 (N, 7)
+    (rad) and a V with joint kinematics, its NLL and error (`kinematics`, `kinematics_cm`)."""
     model.eval()
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
+    rows = lambda a, b: None if a is None else torch.from_numpy(a[b : b + batch_size]).to(device)  # noqa: E731
     for b in range(0, len(frames), batch_size):
         x = frames_to_tensor(frames[b : b + batch_size]).to(device)
-        p = None if positions is None else torch.from_numpy(positions[b : b + batch_size]).to(device)
-        terms = model.loss(x, positions=p)
+        terms = model.loss(x, positions=rows(positions, b), proprio=rows(proprio, b))
         terms["mse"] = (model.reconstruct(x) - x).pow(2).mean()  # from the flat z alone
         if hasattr(model, "reconstruct_full"):  # hierarchical V: every group from the posterior
             terms["mse_full"] = (model.reconstruct_full(x) - x).pow(2).mean()
@@ -198,14 +200,16 @@ def evaluate_vision(model, frames: np.ndarray, batch_size: int = 256, positions:
 
 
 def vision_update(model, optimizer, frames: np.ndarray, progress: float, grad_clip: float,
-                  positions: np.ndarray | None = None) -> dict | None:
+                  positions: np.ndarray | None = None, proprio: np.ndarray | None = None) -> dict | None:
     """One training step of V (stage 02): uint8 frames (B, S, S, 3) (and, for position heads, the goal and
-    gripper positions float32 (B, 2, 3), m) -> the loss terms (scalar tensors), or None when the update was
-    skipped for a non-finite loss or gradient. `progress` in [0, 1] drives the NVAE's KL warm-up."""
+    gripper positions float32 (B, 2, 3), m; for joint kinematics, the joint angles float32 (B, 7), rad) -> the
+    loss terms (scalar tensors), or None when the update was skipped for a non-finite loss or gradient.
+    `progress` in [0, 1] drives the NVAE's KL warm-up."""
     device = next(model.parameters()).device
     x = frames_to_tensor(frames).to(device)
     p = None if positions is None else torch.from_numpy(positions).to(device)
-    terms = model.objective(x, progress, p)
+    q = None if proprio is None else torch.from_numpy(np.asarray(proprio, dtype=np.float32)).to(device)
+    terms = model.objective(x, progress, p, q)
     return terms if guarded_step(terms["loss"], model.parameters(), optimizer, grad_clip) else None
 
 
@@ -219,9 +223,11 @@ def train_vision(cfg: Config, model: torch.nn.Module, train_files: list[str], tr
     optimizer = make_adam(model, vc.lr)
     start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model, optimizer)
     heads = has_position_heads(model)
-    keys = ("obs",) + (POSITION_KEYS if heads else ())
+    kinematics = getattr(model, "joint_kinematics", None) is not None
+    keys = ("obs",) + (POSITION_KEYS if heads else ()) + ((KINEMATICS_KEY,) if kinematics else ())
     val = sample_steps(val_files, vc.val_frames, cfg.seed, keys)
     val_positions = stack_positions(val) if heads else None
+    val_proprio = val[KINEMATICS_KEY].astype(np.float32) if kinematics else None
     split = {"train": [os.path.basename(f) for f in train_files], "held_out": [os.path.basename(f) for f in val_files]}
     n_train_frames = sum(train_lengths)
 
@@ -235,7 +241,8 @@ def train_vision(cfg: Config, model: torch.nn.Module, train_files: list[str], tr
             frames = batch["obs"]
             progress = (epoch + images / n_train_frames) / vc.epochs
             positions = stack_positions(batch) if heads else None
-            terms = vision_update(model, optimizer, frames, progress, vc.grad_clip, positions)
+            terms = vision_update(model, optimizer, frames, progress, vc.grad_clip, positions,
+                                  batch[KINEMATICS_KEY] if kinematics else None)
             if terms is None:
                 skipped += 1
                 continue
@@ -253,7 +260,7 @@ def train_vision(cfg: Config, model: torch.nn.Module, train_files: list[str], tr
         save_model(path, model, run_config=config_to_dict(cfg), optimizer=optimizer.state_dict(), epoch=epoch,
                    metrics=hist[-1], history=hist, split=split)
 
-    evaluate = lambda: evaluate_vision(model, val["obs"], positions=val_positions)  # noqa: E731
+    evaluate = lambda: evaluate_vision(model, val["obs"], positions=val_positions, proprio=val_proprio)  # noqa: E731
     return _epoch_loop("02", vc.epochs, start_epoch, history, best, run_epoch, evaluate, save, out_dir)
 
 
