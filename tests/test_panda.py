@@ -333,6 +333,13 @@ def test_joint_kinematics_end_to_end_and_its_refusals(panda_run, tmp_path):
     heads = scores["position_heads"]
     assert scores["inputs"] == "offset_kinematics_proprio" and np.isfinite(heads["kinematics_cm"])
     assert f"gripper {heads['kinematics_cm']:.2f} cm" in outputs["06_evaluate"].stdout
+    proc = subprocess.run([sys.executable, "benchmarks/panda_gripper_source.py", "--config", config, "--set",
+                           f"run_dir={run_dir}", "--episodes", "2", "--sources", "heads,kinematics,state"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    swapped = json.load(open(run_dir / "eval" / "gripper_source.json"))
+    assert [len(swapped[k]["episodes"]) for k in ("heads", "kinematics", "state")] == [2, 2, 2]
+    assert swapped["state"]["gripper_error_cm"] == 0 and swapped["kinematics"]["gripper_error_cm"] > 0
 
     shutil.copytree(run_dir / "rollouts", tmp_path / "no_heads" / "rollouts", copy_function=os.link)
     proc = run_script("02_train_nvae", config, "--set", f"run_dir={tmp_path / 'no_heads'}",
