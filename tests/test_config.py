@@ -48,6 +48,27 @@ def test_defaults_and_shipped_configs_load():
     assert (paper.nvae.channels, paper.nvae.num_flows, paper.nvae.spectral_lambda, paper.epochs) == (20, 2, 0.1, 1000)
 
 
+def test_the_panda_configs_load_and_the_kinematics_pair_differs_only_in_v():
+    """Every configs/panda_reach_*.yaml loads and builds its V; the NVAE kinematics config is the VAE's best
+    setup with V (and run_dir) changed, so their rows in the README compare V alone."""
+    import dataclasses
+    import glob
+
+    from utils.training import build_model
+
+    for path in sorted(glob.glob("configs/panda_reach_*.yaml")):
+        cfg = load_config(path)
+        assert cfg.env.id.startswith("PandaReach"), path
+        build_model("vision", cfg.vision.kind, cfg.vision.model_config(), frame_size=cfg.env.frame_size)
+    vae = load_config("configs/panda_reach_vae_kinematics_2views.yaml")
+    nvae = load_config("configs/panda_reach_nvae_kinematics_2views.yaml")
+    assert (nvae.vision.kind, nvae.vision.joint_kinematics, nvae.controller.inputs) == (
+        "nvae", True, "offset_kinematics_proprio")
+    assert dataclasses.replace(nvae, run_dir=vae.run_dir, vision=vae.vision) == vae
+    assert dataclasses.replace(nvae.vision, kind="vae", epochs=vae.vision.epochs, batch_size=vae.vision.batch_size,
+                               kl_tolerance=vae.vision.kl_tolerance, nvae=vae.vision.nvae) == vae.vision
+
+
 def test_unknown_key_is_named(tmp_path):
     path = write(tmp_path, {"vision": {"z_dimm": 32}})
     with pytest.raises(UserError, match=r"exp.yaml: unknown key 'vision.z_dimm'"):
