@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -230,3 +231,31 @@ def mdnrnn_loss(
     done_bce = (bce * step_valid).sum() / n_steps
     loss = nll + reward_weight * reward_mse + done_weight * done_bce
     return {"loss": loss, "nll": nll, "reward_mse": reward_mse, "done_bce": done_bce}
+
+
+def smoothed_rewards(rewards: np.ndarray, sigma: float) -> np.ndarray:
+    """The reward target of M's reward head, smoothed along one episode by a Gaussian kernel (DreamSmooth,
+    Lee, Abbeel and Lee, ICLR 2024, section 4).
+
+    A sparse reward such as CarRacing's +1000/N per new tile arrives on single steps that M cannot time
+    from a 64x64 frame; its expected value per step (how fast tiles are being visited) is what a dream
+    return needs, and the smoothed target carries it with far less noise. Each reward is spread over the
+    steps of its own episode within 4 sigma, with the kernel renormalised over those steps, so the
+    episode's return is conserved exactly (a terminal penalty is spread backwards, not amplified).
+
+    rewards: float (T,) of one episode. sigma: the kernel's standard deviation in steps; 0 returns the
+    rewards unchanged. Returns float32 (T,).
+
+    Raises:
+        ValueError: sigma < 0 or rewards not one-dimensional.
+    """
+    rewards = np.asarray(rewards, np.float64)
+    if sigma < 0 or rewards.ndim != 1:
+        raise ValueError(f"expected sigma >= 0 and rewards (T,), got sigma {sigma} and shape {rewards.shape}")
+    if sigma == 0 or len(rewards) == 0:
+        return rewards.astype(np.float32)
+    half = int(math.ceil(4 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    T = len(rewards)
+    weight_inside = np.convolve(np.ones(T), kernel)[half : half + T]  # per source step: its kernel mass in [0, T)
+    return np.convolve(rewards / weight_inside, kernel)[half : half + T].astype(np.float32)

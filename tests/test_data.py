@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from models.mdnrnn import smoothed_rewards
 from utils.data import LatentWindows, iterate_frame_batches, split_episodes
 from utils.errors import UserError
 from utils.io import atomic_path, check_episodes, list_episodes, load_episode, save_npz
@@ -74,6 +75,18 @@ def test_latent_windows_train_on_the_terminal_step(tmp_path):
     short = [k for k, (i, _) in enumerate(pairs) if i == 1][0]
     assert batch["step_valid"][short].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
     assert batch["next_valid"][short].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_latent_windows_train_the_reward_head_on_the_smoothed_rewards(tmp_path):
+    rng = np.random.default_rng(0)
+    write_episode(tmp_path, 0, 40, rng)
+    files = list_episodes(str(tmp_path))
+    raw, smooth = LatentWindows(files, seq_len=40), LatentWindows(files, seq_len=40, reward_sigma=2.0)
+    real = load_episode(files[0], ("rewards",))["rewards"]
+    assert np.allclose(raw.batch([(0, 0)])["rewards"][0], real)
+    assert np.allclose(smooth.batch([(0, 0)])["rewards"][0], smoothed_rewards(real, 2.0))
+    assert not np.allclose(smooth.batch([(0, 0)])["rewards"][0], real)
+    assert np.array_equal(smooth.batch([(0, 0)])["mu"], raw.batch([(0, 0)])["mu"])
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

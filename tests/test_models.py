@@ -8,7 +8,7 @@ import torch
 from torch import distributions as D
 
 from models.controller import LinearController, LinearControllerConfig, batched_actions, squash_to_bounds
-from models.mdnrnn import MDNRNN, MDNRNNConfig, MixtureParams, mdn_nll, mdn_sample, mdnrnn_loss
+from models.mdnrnn import MDNRNN, MDNRNNConfig, MixtureParams, mdn_nll, mdn_sample, mdnrnn_loss, smoothed_rewards
 from models.vae import ConvVAE, VAEConfig, gaussian_kl
 from utils.checkpoints import load_model, load_world_model, save_model
 from conftest import CreatesAFile
@@ -121,6 +121,29 @@ def test_mdnrnn_loss_ignores_whatever_the_padding_holds():
         torch.testing.assert_close(padded[key], clean[key])
     unmasked = mdnrnn_loss(m, z2, a2, r2, d2, torch.ones(2, 5), torch.ones(2, 5))
     assert unmasked["loss"] > clean["loss"] + 100  # the test can fail: without the masks the padding counts
+
+
+def test_smoothed_rewards_conserve_the_return_and_spread_a_tile_as_a_gaussian():
+    rewards = np.full(200, -0.1)
+    rewards[[50, 53, 120]] += 3.3  # three tiles
+    rewards[-1] = -100.0  # off the playfield: a terminal penalty at the episode's end
+    smooth = smoothed_rewards(rewards, 3.0)
+    assert smooth.dtype == np.float32 and smooth.shape == (200,)
+    assert smooth.sum() == pytest.approx(rewards.sum(), abs=1e-3)  # the return, ends included
+    penalty = smoothed_rewards(np.eye(1, 200, 199)[0] * -100.0, 3.0)
+    assert penalty[-13:].sum() == pytest.approx(-100.0, abs=1e-3)  # within 4 sigma, before the end
+    half_kernel = np.exp(-0.5 * (np.arange(13) / 3.0) ** 2)  # what of the kernel falls inside the episode
+    assert penalty[-1] == pytest.approx(-100.0 / half_kernel.sum(), rel=1e-5)  # spread backwards, not amplified
+    spike = np.zeros(101)
+    spike[50] = 1.0
+    expected = np.exp(-0.5 * ((np.arange(101) - 50) / 2.0) ** 2) / (2.0 * math.sqrt(2 * math.pi))
+    np.testing.assert_allclose(smoothed_rewards(spike, 2.0), expected * (np.abs(np.arange(101) - 50) <= 8)
+                               / expected[42:59].sum() * expected.sum(), atol=1e-6)
+    assert np.array_equal(smoothed_rewards(rewards, 0.0), rewards.astype(np.float32))
+    short = np.array([1.0, 0.0])  # an episode shorter than the kernel keeps its return
+    assert smoothed_rewards(short, 5.0).sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        smoothed_rewards(rewards, -1.0)
 
 
 def test_controller_parameter_count_and_bounds():

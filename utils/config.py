@@ -136,6 +136,9 @@ class MemoryConfig(MDNRNNConfig):
     lr: float = param(1.0e-3, "Adam learning rate", above=0)
     grad_clip: float = param(1.0, "max global gradient norm", above=0)
     reward_weight: float = param(1.0, "weight of the reward MSE in the loss", minimum=0)
+    reward_smoothing: float = param(0.0, "sigma in steps of the Gaussian kernel that smooths each episode's rewards "
+                                    "into the reward head's target (DreamSmooth, Lee et al. 2024; the return is "
+                                    "conserved); 0 = the raw rewards", minimum=0)
     done_weight: float = param(1.0, "weight of the done BCE in the loss", minimum=0)
     holdout_fraction: float = param(0.1, "fraction of episodes held out", minimum=0, below=1)
     init_from: str = param("", "an M checkpoint (best.pt) of the same kind and sizes whose weights start training "

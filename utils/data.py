@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from models.mdnrnn import smoothed_rewards
 from utils.errors import UserError
 from utils.io import load_episode
 
@@ -138,11 +139,14 @@ class LatentWindows:
     no successor) and windows of `seq_len` steps starting every `seq_len` steps
     from a random phase per epoch, plus one window ending at the episode's last
     step, so every terminal step is trained on. Episodes shorter than `seq_len`
-    are padded and masked.
+    are padded and masked. With `reward_sigma` > 0 the rewards are each
+    episode's, smoothed (models.mdnrnn.smoothed_rewards: the reward head's
+    target under memory.reward_smoothing).
     """
 
-    def __init__(self, files: list[str], seq_len: int):
+    def __init__(self, files: list[str], seq_len: int, reward_sigma: float = 0.0):
         self.seq_len = seq_len
+        self.reward_sigma = reward_sigma
         self.episodes = [self._load(f) for f in files]
 
     def _load(self, path: str) -> dict[str, np.ndarray]:
@@ -164,7 +168,7 @@ class LatentWindows:
         out["mu"][:T] = e["mu"][:T]
         out["logvar"][:T] = e["logvar"][:T]
         out["actions"][:T] = e["actions"]
-        out["rewards"][:T] = e["rewards"]
+        out["rewards"][:T] = smoothed_rewards(e["rewards"], self.reward_sigma)
         out["done"][:T] = e["terminated"]
         out["next_valid"][: T - 1] = 1.0
         out["step_valid"][:T] = 1.0

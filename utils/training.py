@@ -314,7 +314,8 @@ def train_memory(cfg: Config, train_files: list[str], val_files: list[str], z_di
     start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model, optimizer)
     if not start_epoch and mc.init_from:  # fine-tuning: the weights only, with a fresh optimizer
         model.load_state_dict(check_init_from(mc.init_from, model)["state_dict"])
-    train_data, val_data = LatentWindows(train_files, mc.seq_len), LatentWindows(val_files, mc.seq_len)
+    train_data = LatentWindows(train_files, mc.seq_len, mc.reward_smoothing)
+    val_data = LatentWindows(val_files, mc.seq_len, mc.reward_smoothing)
 
     def run_epoch(epoch: int) -> dict:
         model.train()
