@@ -7,10 +7,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# The models trained inside the test process are tiny: a second torch thread costs more in synchronisation than it
+# computes. Measured on this 2-core machine while the other core was busy: the actor-critic learning test took 41 s
+# with one thread and over 300 s with two. The stage scripts run as subprocesses with their configs' threads.
+torch.set_num_threads(1)
 
 STAGES = [
     "01_generate_rollouts",
