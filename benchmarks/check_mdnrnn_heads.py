@@ -7,7 +7,9 @@ Runs M (<run_dir>/mdnrnn/best.pt) over each held-out latent episode of stage 04'
 split (z = the posterior mean of every frame, the real actions) and prints, over all
 held-out steps: the Pearson correlation and MSE of predicted against real reward, and
 the precision and recall of done (sigmoid(done logit) > 0.5, as in the dream)
-against the real `terminated` flag, with the counts they come from.
+against the real `terminated` flag, with the counts they come from. Under
+memory.reward_smoothing > 0 it also prints the reward's correlation with the
+smoothed rewards, the head's training target.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from models.mdnrnn import smoothed_rewards  # noqa: E402
 from utils.checkpoints import load_model  # noqa: E402
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser  # noqa: E402
 from utils.data import LATENT_KEYS, split_episodes  # noqa: E402
@@ -34,15 +37,21 @@ def main(argv: list[str] | None = None) -> None:
     mdnrnn, _ = load_model(args.mdnrnn or os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt"), "memory")
     _, held = split_episodes(list_episodes(stage_dir(cfg, "latents"), "latents"), cfg.memory.holdout_fraction, cfg.seed)
     columns = {"pred_reward": [], "real_reward": [], "done_prob": [], "real_done": []}
+    smoothed = []
     for path in held:
         episode = load_episode(path, LATENT_KEYS)
         reward, done = head_predictions(mdnrnn, episode)
         for key, value in zip(columns, (reward, episode["rewards"], done, episode["terminated"])):
             columns[key].append(value)
+        smoothed.append(smoothed_rewards(episode["rewards"], cfg.memory.reward_smoothing))
     m = head_metrics(*(np.concatenate(v) for v in columns.values()))
     fmt = lambda v: "undefined" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"M's heads on {len(held)} held-out episodes ({m['steps']} steps) of {stage_dir(cfg, 'latents')}")
     print(f"reward: Pearson r {m['reward_corr']:.3f}, MSE {m['reward_mse']:.4f}")
+    if cfg.memory.reward_smoothing:
+        r = np.corrcoef(np.concatenate(columns["pred_reward"]), np.concatenate(smoothed))[0, 1]
+        print(f"reward against the rewards smoothed by sigma {cfg.memory.reward_smoothing:g} (the head's target): "
+              f"Pearson r {r:.3f}")
     print(f"done:   precision {fmt(m['done_precision'])} ({m['done_predicted']} predicted), "
           f"recall {fmt(m['done_recall'])} ({m['done_real']} real terminal steps)")
 
