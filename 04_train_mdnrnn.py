@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> None:
                         "the windows")
     if mc.init_from:  # checked before the stage folder is touched
         check_init_from(mc.init_from, build_model("memory", mc.kind, mc.model_config(), z_dim=sizes["z_dim"],
-                                                     action_dim=sizes["action_dim"]))
+                                                     action_dim=sizes["action_dim"], members=mc.ensemble))
     out_dir = open_stage_dir(cfg, "mdnrnn")
-    print(f"[04] M = {cfg.memory.kind}, z={sizes['z_dim']} a={sizes['action_dim']}: {len(train)} training / {len(held)} held-out episodes")
+    members = f" x {mc.ensemble} (ensemble)" if mc.ensemble > 1 else ""
+    print(f"[04] M = {cfg.memory.kind}{members}, z={sizes['z_dim']} a={sizes['action_dim']}: {len(train)} training / {len(held)} held-out episodes")
     start = time.perf_counter()
     history = train_memory(cfg, train, held, sizes["z_dim"], sizes["action_dim"], out_dir)
     best = min(history, key=lambda r: r["val_loss"])

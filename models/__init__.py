@@ -5,6 +5,7 @@
   `tssm.py` (TSSM, TSSMConfig: a causal transformer with a key-value cache for imagination)
 - C: `controller.py` (LinearController, its parameter layout and squashing), `actor_critic.py` (ActorCritic
   trained in imagination: lambda-returns, the imagination update)
+- `ensemble.py` (MemoryEnsemble): K Ms of one kind behind the same interface (one member per dream rollout)
 - `agent.py`: one V -> C -> M step on a V-ready frame; `dream.py`: M as a gymnasium.Env and the batched dream
 
 The registries below name every kind a config may ask for; `build` makes a fresh model of a kind, and a
@@ -31,6 +32,7 @@ import dataclasses
 
 from models.actor_critic import ActorCritic
 from models.controller import LinearController
+from models.ensemble import MemoryEnsemble
 from models.hparams import config_from_dict
 from models.mdnrnn import MDNRNN
 from models.nvae import NVAE
@@ -46,7 +48,8 @@ FAMILIES = {"vision": VISION_KINDS, "memory": MEMORY_KINDS, "controller": CONTRO
 
 def build(family: str, kind: str, config, **sizes):
     """A fresh model of `kind` in `family` (vision | memory | controller) from its config dataclass and the
-    sizes the data fixed (vision: frame_size; memory: z_dim, action_dim; controller: in_dim, action bounds).
+    sizes the data fixed (vision: frame_size; memory: z_dim, action_dim, and members: K > 1 for a
+    MemoryEnsemble of K independently initialised Ms; controller: in_dim, action bounds).
 
     Raises:
         ValueError: an unknown kind, or sizes and config the architecture cannot take.
@@ -54,6 +57,9 @@ def build(family: str, kind: str, config, **sizes):
     kinds = FAMILIES[family]
     if kind not in kinds:
         raise ValueError(f"unknown {family} kind {kind!r} (expected one of: {', '.join(kinds)})")
+    members = sizes.pop("members", 1) if family == "memory" else 1
+    if members > 1:
+        return MemoryEnsemble([kinds[kind](config, **sizes) for _ in range(members)])
     return kinds[kind](config, **sizes)
 
 
@@ -83,7 +89,7 @@ def from_checkpoint_dict(ckpt: dict, family: str):
     cls = kinds[kind]
     try:
         config = config_from_dict(cls.config_class, ckpt["config"], f"{kind} config.")
-        model = cls(config, **ckpt["sizes"])
+        model = build(family, kind, config, **ckpt["sizes"])
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, TypeError) as exc:
         raise ValueError(f"weights do not fit a {kind} of this config ({str(exc).splitlines()[0]})") from None

@@ -115,11 +115,6 @@ def burn_in(memory, z: torch.Tensor, a: torch.Tensor):
     return state
 
 
-def repeat_state(state, n: int):
-    """An M state of batch B tiled n times along the batch: row i of the result is row i % B of `state`."""
-    return tuple(part.repeat(n, *([1] * (part.dim() - 1))) for part in state)
-
-
 @torch.no_grad()
 def dream_returns(
     memory,

@@ -6,7 +6,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from models.controller import LinearController, LinearControllerConfig, batched_actions
-from models.dream import DreamEnv, burn_in, dream_returns, repeat_state
+from models.dream import DreamEnv, burn_in, dream_returns
 from models.mdnrnn import MDNRNN, MDNRNNConfig
 from models.vae import ConvVAE, VAEConfig
 
@@ -88,7 +88,7 @@ def test_batched_rollout_of_a_population():
 
 def test_a_dream_started_after_a_real_window_continues_ms_filtered_state():
     """burn_in folds a real window into M exactly as M's sequence API does; a window of one frame is the
-    first-frame start; repeat_state tiles rows in the order the population batch expects."""
+    first-frame start."""
     m, starts = tiny_world()
     rng = np.random.default_rng(3)
     z = torch.from_numpy(rng.normal(size=(2, 6, 4)).astype(np.float32))
@@ -105,8 +105,6 @@ def test_a_dream_started_after_a_real_window_continues_ms_filtered_state():
     np.testing.assert_array_equal(from_window, from_z)
     mid, _ = dream_returns(m, thetas[:2], (h, c, last_z), LOW, HIGH, 1.0, 20, torch.Generator().manual_seed(4))
     assert not np.allclose(mid, from_z[:2])  # M's memory of the window changes the dream
-    tiled = repeat_state((h, c, last_z), 3)
-    assert tiled[0].shape == (6, 8) and torch.equal(tiled[0][4], h[0]) and torch.equal(tiled[2][5], last_z[1])
 
 
 def test_dream_speed_benchmark_runs():

@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from models.controller import LinearController
-from models.dream import burn_in, dream_returns, repeat_state
+from models.dream import burn_in, dream_returns
 from utils.checkpoints import read_checkpoint, save_model
 from utils.config import Config, config_to_dict
 from utils.episodes import agent_task, expected_episode_s, init_agent_worker
@@ -308,9 +308,9 @@ class ControllerTrainer:
             pairs = windows.windows(rng)
             picked = windows.batch([pairs[i] for i in rng.integers(len(pairs), size=r)])
             device = next(mdnrnn.parameters()).device
-            state = burn_in(mdnrnn, torch.from_numpy(picked["mu"]).to(device),
-                            torch.from_numpy(picked["actions"]).to(device))
-            starts = repeat_state(state, len(candidates))
+            tiled = {k: torch.from_numpy(np.tile(picked[k], (len(candidates), 1, 1))).to(device) for k in ("mu", "actions")}
+            # row c * r + j: window j, filtered by the M that dreams on from it (an ensemble's member (c*r + j) % K)
+            starts = burn_in(mdnrnn, tiled["mu"], tiled["actions"])
         else:  # M after the first frame of a real episode (Ha & Schmidhuber)
             starts = np.tile(start_z[rng.integers(len(start_z), size=r)], (len(candidates), 1))
         params = np.repeat(np.asarray(candidates, dtype=np.float32), r, axis=0)  # row c * r + j

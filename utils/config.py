@@ -130,6 +130,9 @@ class MemoryConfig(MDNRNNConfig):
                       "Hafner et al.) | tssm (causal transformer, TransDreamer-style)", choices=tuple(MEMORY_KINDS))
     rssm: RSSMOptions = param(RSSMOptions(), "kind rssm: the stochastic state and its KL")
     tssm: TSSMOptions = param(TSSMOptions(), "kind tssm: layers, heads and the attended context")
+    ensemble: int = param(1, "K > 1 trains K independently initialised Ms of this kind together and serves each "
+                          "dream rollout from one of them (models/ensemble.py; Model-Ensemble TRPO, Kurutach et al. "
+                          "2018), so that C cannot exploit one M's errors", minimum=1)
     seq_len: int = param(32, "training subsequence length (steps)", minimum=1)
     batch_size: int = param(32, "subsequences per update", minimum=1)
     epochs: int = param(20, "passes over the training windows", minimum=1)

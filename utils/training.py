@@ -308,7 +308,8 @@ def train_memory(cfg: Config, train_files: list[str], val_files: list[str], z_di
     docstring."""
     mc = cfg.memory
     torch.set_num_threads(mc.threads)
-    model = build_model("memory", mc.kind, mc.model_config(), z_dim=z_dim, action_dim=action_dim)
+    model = build_model("memory", mc.kind, mc.model_config(), z_dim=z_dim, action_dim=action_dim,
+                        members=mc.ensemble)
     model.to(resolve_device(mc.device, "memory.device"))  # before the optimizer: a resumed Adam state follows
     optimizer = make_adam(model, mc.lr)
     start_epoch, history, best = _resume(os.path.join(out_dir, "latest.pt"), model, optimizer)

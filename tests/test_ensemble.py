@@ -1,0 +1,96 @@
+"""models/ensemble.py: K Ms behind one M interface, row b served by member b % K."""
+
+import numpy as np
+import pytest
+import torch
+
+from models import build, checkpoint_dict, from_checkpoint_dict
+from models.dream import dream_returns
+from models.ensemble import MemoryEnsemble
+from models.mdnrnn import MDNRNNConfig
+from models.rssm import RSSMConfig, RSSMOptions
+from models.tssm import TSSMConfig, TSSMOptions
+
+CONFIGS = {"mdnrnn": MDNRNNConfig(hidden=8, gaussians=2),
+           "rssm": RSSMConfig(hidden=8, rssm=RSSMOptions(stoch=4, units=8)),
+           "tssm": TSSMConfig(hidden=8, tssm=TSSMOptions(layers=1, heads=2, context=4))}
+Z, A, B = 4, 3, 5
+
+
+def steps(memory, z, a, generator):
+    """Filter 2 real steps, then imagine 2: every interface call, returning what each gave."""
+    out = []
+    state = memory.observe(memory.initial_state(len(z)), z[:, 0])
+    for t in range(4):
+        out.append(memory.features(state))
+        state = memory.transition(state, a[:, t])
+        state = memory.observe(state, z[:, t + 1]) if t < 2 else memory.imagine(state, 1.0, generator)
+        out += [*memory.heads(state), memory.latent(state)]
+    return out
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_each_row_is_its_member_for_every_memory_kind(kind):
+    torch.manual_seed(0)
+    ensemble = build("memory", kind, CONFIGS[kind], z_dim=Z, action_dim=A, members=2).eval()
+    assert isinstance(ensemble, MemoryEnsemble) and ensemble.kind == kind
+    assert ensemble.sizes() == {"z_dim": Z, "action_dim": A, "members": 2}
+    first, second = ensemble.members
+    assert not torch.equal(next(first.parameters()), next(second.parameters()))  # initialised apart
+    z, a = torch.randn(B, 3, Z), torch.rand(B, 4, A)
+    with torch.no_grad():
+        together = steps(ensemble, z, a, torch.Generator().manual_seed(1))
+        # the same calls per member on its rows; each imagine draws member 0's rows first, as the ensemble does
+        gen = torch.Generator().manual_seed(1)
+        per_member = [[], []]
+        states = [m.observe(m.initial_state(len(z[i::2])), z[i::2, 0]) for i, m in enumerate(ensemble.members)]
+        for t in range(4):
+            for i, m in enumerate(ensemble.members):
+                per_member[i].append(m.features(states[i]))
+                states[i] = m.transition(states[i], a[i::2, t])
+            for i, m in enumerate(ensemble.members):
+                states[i] = m.observe(states[i], z[i::2, t + 1]) if t < 2 else m.imagine(states[i], 1.0, gen)
+                per_member[i] += [*m.heads(states[i]), m.latent(states[i])]
+    for j, merged in enumerate(together):
+        assert merged.shape[0] == B
+        torch.testing.assert_close(merged[0::2], per_member[0][j])
+        torch.testing.assert_close(merged[1::2], per_member[1][j])
+
+
+def test_a_batch_of_one_is_member_0_and_the_loss_is_the_members_mean():
+    torch.manual_seed(0)
+    ensemble = build("memory", "mdnrnn", CONFIGS["mdnrnn"], z_dim=Z, action_dim=A, members=3)
+    z = torch.randn(1, Z)
+    state = ensemble.observe(ensemble.initial_state(1), z)
+    alone = ensemble.members[0].observe(ensemble.members[0].initial_state(1), z)
+    a = torch.rand(1, A)
+    torch.testing.assert_close(ensemble.heads(ensemble.transition(state, a)),
+                               ensemble.members[0].heads(ensemble.members[0].transition(alone, a)))
+    batch = (torch.randn(2, 6, Z), torch.rand(2, 5, A), torch.randn(2, 5), torch.zeros(2, 5), torch.ones(2, 5),
+             torch.ones(2, 5))
+    terms = ensemble.loss(*batch, reward_weight=0.5)
+    each = [m.loss(*batch, reward_weight=0.5) for m in ensemble.members]
+    for name in ("loss", "nll", "reward_mse", "done_bce"):
+        assert terms[name].item() == pytest.approx(np.mean([t[name].item() for t in each]), rel=1e-6)
+    terms["loss"].backward()
+    assert all(p.grad is not None for p in ensemble.parameters())  # every member learns
+
+
+def test_checkpoint_round_trip_keeps_the_members_and_a_dream_spreads_rows_over_them():
+    torch.manual_seed(0)
+    ensemble = build("memory", "mdnrnn", CONFIGS["mdnrnn"], z_dim=Z, action_dim=A, members=2).eval()
+    ckpt = checkpoint_dict(ensemble)
+    assert ckpt["kind"] == "mdnrnn" and ckpt["sizes"]["members"] == 2
+    loaded = from_checkpoint_dict(ckpt, "memory")
+    assert isinstance(loaded, MemoryEnsemble) and len(loaded.members) == 2
+    params = np.random.default_rng(0).normal(size=(4, A * (Z + 8) + A)).astype(np.float32)
+    starts = np.random.default_rng(1).normal(size=(4, Z)).astype(np.float32)
+    low, high = np.array([-1.0, 0, 0]), np.ones(3)
+    returns = [dream_returns(m, params, starts, low, high, 1.0, 10, torch.Generator().manual_seed(2))[0]
+               for m in (ensemble, loaded)]
+    np.testing.assert_array_equal(*returns)
+    with pytest.raises(ValueError, match="at least 2 members"):
+        MemoryEnsemble([ensemble.members[0]])
+    other = build("memory", "mdnrnn", MDNRNNConfig(hidden=6, gaussians=2), z_dim=Z, action_dim=A)
+    with pytest.raises(ValueError, match="same kind, config and sizes"):
+        MemoryEnsemble([ensemble.members[0], other])
