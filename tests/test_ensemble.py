@@ -94,3 +94,35 @@ def test_checkpoint_round_trip_keeps_the_members_and_a_dream_spreads_rows_over_t
     other = build("memory", "mdnrnn", MDNRNNConfig(hidden=6, gaussians=2), z_dim=Z, action_dim=A)
     with pytest.raises(ValueError, match="same kind, config and sizes"):
         MemoryEnsemble([ensemble.members[0], other])
+
+
+def test_stages_04_to_06_with_an_ensemble_of_two(tiny_run, tmp_path):
+    """04 with memory.ensemble=2 saves both members in one checkpoint; 05 trains C in their dream from real
+    windows; 06 scores C in the real env and the dream. A fine-tune from a single M is refused before 04 writes."""
+    import json
+    import os
+    import shutil
+
+    from conftest import assert_ok, assert_user_error, run_script, write_config
+
+    from utils.checkpoints import load_model
+
+    run_dir = tmp_path / "run"
+    for stage in ("vision", "latents"):
+        shutil.copytree(os.path.join(tiny_run["run_dir"], stage), run_dir / stage)
+    config = write_config(tmp_path, run_dir, memory={"ensemble": 2},
+                          controller={"env": "dream", "dream_starts": "anywhere", "rollouts_per_candidate": 2,
+                                      "generations": 1, "eval_every": 1, "max_steps": 12})
+    single = os.path.join(tiny_run["run_dir"], "mdnrnn", "best.pt")
+    assert_user_error(run_script("04_train_mdnrnn", config, "--set", f"memory.init_from={single}"),
+                      "memory.init_from", "'members': 2")
+    assert not (run_dir / "mdnrnn").exists()
+    proc = run_script("04_train_mdnrnn", config)
+    assert_ok(proc)
+    assert "M = mdnrnn x 2 (ensemble)" in proc.stdout
+    memory, ckpt = load_model(str(run_dir / "mdnrnn" / "best.pt"), "memory")
+    assert isinstance(memory, MemoryEnsemble) and ckpt["sizes"]["members"] == 2
+    for stage in ("05_train_controller", "06_evaluate"):
+        assert_ok(run_script(stage, config))
+    scores = json.load(open(run_dir / "eval" / "scores.json"))
+    assert np.isfinite(scores["mean"]) and np.isfinite(scores["dream"]["mean"])
