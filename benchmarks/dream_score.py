@@ -4,7 +4,8 @@
     python benchmarks/dream_score.py --config configs/carracing_vae.yaml \\
         --controller runs/carracing_vae/controller/controller.pt [--taus 0.5 1.0 1.15] [--episodes 64]
 
-Plays the controller (its `params_best`) and the all-zero controller in M's dream
+Plays the controller (the parameters 06 scores: its CMA-ES mean with evaluate.params: mean, else the best
+held-out mean) and the all-zero controller in M's dream
 (<run_dir>/mdnrnn/best.pt, starts from <run_dir>/latents) for --episodes batched
 episodes of up to env.max_episode_steps at each tau, and prints mean +- std. A
 dream worth training in gives a controller that drives in the real env a much
@@ -30,7 +31,7 @@ from utils.io import list_episodes  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[1])
-    parser.add_argument("--controller", required=True, help="controller.pt whose params_best is played")
+    parser.add_argument("--controller", required=True, help="controller.pt, played as 06 plays it (evaluate.params)")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.5, 1.0, 1.15])
     parser.add_argument("--episodes", type=int, default=64)
     args = parser.parse_args(argv)
@@ -38,9 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     mdnrnn, _ = load_model(os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt"), "memory")
     starts = start_latents(list_episodes(stage_dir(cfg, "latents"), "latents"))
-    c, _ = load_model(args.controller, "controller")
+    c, ckpt = load_model(args.controller, "controller")
+    if cfg.evaluate.params == "mean":
+        c.set_params(ckpt["params_mean"])
     print(f"M: {stage_dir(cfg, 'mdnrnn')}/best.pt, {len(starts)} start latents, {args.episodes} dream episodes "
-          f"of <= {cfg.env.max_episode_steps} steps per row")
+          f"of <= {cfg.env.max_episode_steps} steps per row; C: evaluate.params {cfg.evaluate.params}")
     for tau in args.taus:
         for name, params in (("controller", c.get_params()), ("zero controller", np.zeros(c.num_params))):
             d = dream_score(mdnrnn, starts, params, c.low, c.high, tau, args.episodes, cfg.env.max_episode_steps,
