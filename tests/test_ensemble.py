@@ -126,3 +126,22 @@ def test_stages_04_to_06_with_an_ensemble_of_two(tiny_run, tmp_path):
         assert_ok(run_script(stage, config))
     scores = json.load(open(run_dir / "eval" / "scores.json"))
     assert np.isfinite(scores["mean"]) and np.isfinite(scores["dream"]["mean"])
+    # benchmarks/dream_score.py plays C as 06 does: with evaluate.params=mean, the final CMA-ES mean
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from models.dream import dream_score
+    from utils.data import start_latents
+    from utils.io import list_episodes
+
+    proc = subprocess.run([sys.executable, "benchmarks/dream_score.py", "--config", config, "--set",
+                           "evaluate.params=mean", "--controller", str(run_dir / "controller" / "controller.pt"),
+                           "--taus", "1.0", "--episodes", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    c, c_ckpt = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
+    starts = start_latents(list_episodes(str(run_dir / "latents"), "latents"))
+    expected = dream_score(memory, starts, c_ckpt["params_mean"].numpy(), c.low, c.high, 1.0, 4, 100, 7)
+    printed = next(line for line in proc.stdout.splitlines() if line.startswith("tau 1  controller"))
+    assert f"{expected['mean']:8.1f} +- {expected['std']:.1f}" in printed
