@@ -1,15 +1,21 @@
 """An ensemble of M: K independently initialised members of one kind behind the M interface.
 
 A C trained by CMA-ES in the dream of a single M finds the actions where that M is wrong in its favour (on
-CarRacing-v3 here, a dream return of 450-770 for a C that scores 89 in the real env). Members fitted to the
-same data from different initialisations agree where the data pins them and disagree elsewhere, so a C whose
-dream episodes are spread over the members cannot exploit any one of them: Model-Ensemble TRPO (Kurutach,
-Clavera, Duan, Tamar and Abbeel, ICLR 2018, section 4.2) samples one member per imagined rollout for this.
+CarRacing-v3 here, a dream return of 510 for a C that scores 61 in the real env). Members fitted to the same
+data from different initialisations agree where the data pins them and disagree elsewhere, so a C whose dream
+episodes are spread over the members cannot exploit any one of them: Model-Ensemble TRPO (Kurutach, Clavera,
+Duan, Tamar and Abbeel, ICLR 2018, section 4.2) samples one member per imagined rollout for this.
 
-Here row b of every batched state is served by member b % K for the whole episode (states never move between
-members), so a batch of population x rollouts spreads each candidate's rollouts over the members. Training
-(`loss`) fits every member to the whole batch and averages their terms; the members differ by their
-initialisation only. With batch 1 (a C driving the real env) member 0 serves.
+ME-TRPO's policy reads the true state; ours reads M's features ([z, h] for the MDN-RNN), and the h of
+independently initialised members have nothing in common. So the roles are split, as in the real env:
+
+- member 0 is the agent's memory: it filters the z sequence of every row, and C reads its features;
+- the world of row b is member b % K: it gives the next z (which member 0 then observes, as it observes a
+  real frame's z), the reward and the done.
+
+A row of member 0 is then exactly a single-M dream; a row of member k is member 0's agent driving in member
+k's world. With batch 1 (a C in the real env) the agent is member 0 alone. Training (`loss`) fits every member
+to the whole batch and averages their terms; the members differ by their initialisation only.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class MemoryEnsemble(nn.Module):
     Args:
         members: K >= 2 freshly built (or loaded) Ms of the same kind, config and sizes.
 
+    Row b's world is member b % K; member 0 is the agent (C reads its features) on every row (module docstring).
     Attributes kind, config, config_class, z_dim, action_dim and feature_dim are the members'; `sizes()` adds
     {"members": K}, so a checkpoint records K and rebuilds the ensemble (models.from_checkpoint_dict).
 
@@ -75,28 +82,44 @@ class MemoryEnsemble(nn.Module):
         return self._merge(parts, batch)
 
     # ------------------------------------------------------------ the M interface (models/__init__.py)
+    # A state is the world's parts (row b: member b % K) followed by the agent's (member 0, every row).
+
+    def _split(self, state):
+        n = len(state) // 2
+        return state[:n], state[n:]
 
     def initial_state(self, batch: int):
         parts = [(rows, m.initial_state(len(range(batch)[rows]))) for m, rows in self._served(batch)]
-        return self._merge(parts, batch)
+        return self._merge(parts, batch) + self.members[0].initial_state(batch)
 
     def observe(self, state, z: torch.Tensor, sample: bool = False, generator=None):
-        return self._map(lambda m, s, z_rows: m.observe(s, z_rows, sample, generator), state, z)
+        """Both the world and the agent fold in the real latent z (B, z_dim)."""
+        world, agent = self._split(state)
+        world = self._map(lambda m, s, z_rows: m.observe(s, z_rows, sample, generator), world, z)
+        return world + self.members[0].observe(agent, z, sample, generator)
 
     def features(self, state) -> torch.Tensor:
-        return self._map(lambda m, s: m.features(s), state)
+        """What C reads: member 0's features, (B, feature_dim)."""
+        return self.members[0].features(self._split(state)[1])
 
     def transition(self, state, a: torch.Tensor):
-        return self._map(lambda m, s, a_rows: m.transition(s, a_rows), state, a)
+        world, agent = self._split(state)
+        world = self._map(lambda m, s, a_rows: m.transition(s, a_rows), world, a)
+        return world + self.members[0].transition(agent, a)
 
     def imagine(self, state, temperature: float = 1.0, generator=None):
-        return self._map(lambda m, s: m.imagine(s, temperature, generator), state)
+        """Each row's world samples the next z at temperature tau; the agent observes it."""
+        world, agent = self._split(state)
+        world = self._map(lambda m, s: m.imagine(s, temperature, generator), world)
+        return world + self.members[0].observe(agent, self._map(lambda m, s: m.latent(s), world))
 
     def heads(self, state) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._map(lambda m, s: m.heads(s), state)
+        """Reward and done logit (B,) each, from each row's world."""
+        return self._map(lambda m, s: m.heads(s), self._split(state)[0])
 
     def latent(self, state) -> torch.Tensor:
-        return self._map(lambda m, s: m.latent(s), state)
+        """The world's z (B, z_dim)."""
+        return self._map(lambda m, s: m.latent(s), self._split(state)[0])
 
     def loss(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Every member's loss on the whole batch; each term is the mean over members (so `loss` and `nll` read

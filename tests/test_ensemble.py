@@ -1,4 +1,4 @@
-"""models/ensemble.py: K Ms behind one M interface, row b served by member b % K."""
+"""models/ensemble.py: K Ms behind one M interface; row b's world is member b % K, member 0 the agent."""
 
 import numpy as np
 import pytest
@@ -18,7 +18,7 @@ Z, A, B = 4, 3, 5
 
 
 def steps(memory, z, a, generator):
-    """Filter 2 real steps, then imagine 2: every interface call, returning what each gave."""
+    """Filter 2 real steps, then imagine 2: C's features, the heads and the latent after every step."""
     out = []
     state = memory.observe(memory.initial_state(len(z)), z[:, 0])
     for t in range(4):
@@ -30,7 +30,7 @@ def steps(memory, z, a, generator):
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
-def test_each_row_is_its_member_for_every_memory_kind(kind):
+def test_each_rows_world_is_its_member_and_member_0_drives_for_every_memory_kind(kind):
     torch.manual_seed(0)
     ensemble = build("memory", kind, CONFIGS[kind], z_dim=Z, action_dim=A, members=2).eval()
     assert isinstance(ensemble, MemoryEnsemble) and ensemble.kind == kind
@@ -40,21 +40,33 @@ def test_each_row_is_its_member_for_every_memory_kind(kind):
     z, a = torch.randn(B, 3, Z), torch.rand(B, 4, A)
     with torch.no_grad():
         together = steps(ensemble, z, a, torch.Generator().manual_seed(1))
-        # the same calls per member on its rows; each imagine draws member 0's rows first, as the ensemble does
+        # by hand: each member's world on its rows (member 0's rows drawn first, as the ensemble draws them),
+        # and member 0 filtering every row's z: the real ones, then the world's
         gen = torch.Generator().manual_seed(1)
-        per_member = [[], []]
-        states = [m.observe(m.initial_state(len(z[i::2])), z[i::2, 0]) for i, m in enumerate(ensemble.members)]
+        worlds = [m.observe(m.initial_state(len(z[i::2])), z[i::2, 0]) for i, m in enumerate(ensemble.members)]
+        agent = first.observe(first.initial_state(B), z[:, 0])
+        expected = []
         for t in range(4):
-            for i, m in enumerate(ensemble.members):
-                per_member[i].append(m.features(states[i]))
-                states[i] = m.transition(states[i], a[i::2, t])
-            for i, m in enumerate(ensemble.members):
-                states[i] = m.observe(states[i], z[i::2, t + 1]) if t < 2 else m.imagine(states[i], 1.0, gen)
-                per_member[i] += [*m.heads(states[i]), m.latent(states[i])]
-    for j, merged in enumerate(together):
-        assert merged.shape[0] == B
-        torch.testing.assert_close(merged[0::2], per_member[0][j])
-        torch.testing.assert_close(merged[1::2], per_member[1][j])
+            expected.append(first.features(agent))
+            worlds = [m.transition(w, a[i::2, t]) for (i, m), w in zip(enumerate(ensemble.members), worlds)]
+            agent = first.transition(agent, a[:, t])
+            if t < 2:
+                worlds = [m.observe(w, z[i::2, t + 1]) for (i, m), w in zip(enumerate(ensemble.members), worlds)]
+                latent = z[:, t + 1]
+            else:
+                worlds = [m.imagine(w, 1.0, gen) for m, w in zip(ensemble.members, worlds)]
+                latent = torch.empty(B, Z)
+                for i, (m, w) in enumerate(zip(ensemble.members, worlds)):
+                    latent[i::2] = m.latent(w)
+            agent = first.observe(agent, latent)
+            for j in range(3):  # reward, done logit, latent: interleave the members' rows
+                merged = torch.empty(B) if j < 2 else torch.empty(B, Z)
+                for i, (m, w) in enumerate(zip(ensemble.members, worlds)):
+                    merged[i::2] = (*m.heads(w), m.latent(w))[j]
+                expected.append(merged)
+    assert len(together) == len(expected)
+    for got, want in zip(together, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_a_batch_of_one_is_member_0_and_the_loss_is_the_members_mean():
