@@ -69,3 +69,36 @@ def test_training_speed_names_a_reference_folder_without_the_models(tmp_path):
     proc = run_benchmark("--reference", str(tmp_path))
     assert proc.returncode != 0
     assert f"--reference {tmp_path}: no models/vae.py there" in proc.stderr
+
+
+def test_action_stats_counts_the_data_and_plays_c_on_ms_states(tiny_run):
+    """benchmarks/action_stats.py: the mean, the share above a threshold and the long runs match the episodes;
+    C's actions are played on M's filtered states within the action bounds; a bad --dim is one clear line."""
+    import glob
+
+    import numpy as np
+
+    from conftest import assert_ok, assert_user_error
+
+    run_dir = tiny_run["run_dir"]
+    args = [sys.executable, "benchmarks/action_stats.py", "--config", tiny_run["config"], "--set", f"run_dir={run_dir}"]
+    proc = subprocess.run(args + ["--dim", "1", "--above", "0.5", "--run", "2", "--controller",
+                                  os.path.join(run_dir, "controller", "controller.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    files = sorted(glob.glob(os.path.join(run_dir, "latents", "episode_*.npz")))
+    gas = [np.load(f)["actions"][:, 1] for f in files]
+    values = np.concatenate(gas)
+    assert (f"{len(files)} episodes, {len(values)} steps: action[1] mean {values.mean():.3f}, share above 0.5 "
+            f"{np.mean(values > 0.5):.3f}") in proc.stdout
+    listed = re.findall(r"(episode_\d+\.npz): (\d+) steps above", proc.stdout)
+    for f, g in zip(files, gas):
+        longest = max((len(r) for r in "".join("1" if x else "0" for x in g > 0.5).split("0")), default=0)
+        assert ((os.path.basename(f), str(longest)) in listed) == (longest > 2)
+    played = re.search(r"C on M's filtered states of the last 3 episodes \((\d+) steps\): action mean \[(.*)\], std",
+                       proc.stdout)
+    assert played and int(played.group(1)) == len(values)
+    steer, gas_mean, brake = (float(v) for v in played.group(2).split(", "))
+    assert -1 <= steer <= 1 and 0 <= gas_mean <= 1 and 0 <= brake <= 1
+    bad = subprocess.run(args + ["--dim", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_user_error(bad, "--dim", "3 dimensions")
