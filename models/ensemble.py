@@ -13,8 +13,9 @@ independently initialised members have nothing in common. So the roles are split
 - the world of row b is member b % K: it gives the next z (which member 0 then observes, as it observes a
   real frame's z), the reward and the done.
 
-A row of member 0 is then exactly a single-M dream; a row of member k is member 0's agent driving in member
-k's world. With batch 1 (a C in the real env) the agent is member 0 alone. Training (`loss`) fits every member
+A row of member k is member 0's agent driving in member k's world. For the MDN-RNN, whose observe only sets
+z, a row of member 0 is exactly a single-M dream; for the RSSM and TSSM the agent's state there is member 0's
+posterior given the imagined z, as it is for a real frame's z. With batch 1 (a C in the real env) the agent is member 0 alone. Training (`loss`) fits every member
 to the whole batch and averages their terms; the members differ by their initialisation only.
 """
 
