@@ -14,8 +14,8 @@ independently initialised members have nothing in common. So the roles are split
   real frame's z), the reward and the done.
 
 A row of member k is member 0's agent driving in member k's world. For the MDN-RNN, whose observe only sets
-z, a row of member 0 is exactly a single-M dream; for the RSSM and TSSM the agent's state there is member 0's
-posterior given the imagined z, as it is for a real frame's z. With batch 1 (a C in the real env) the agent is member 0 alone. Training (`loss`) fits every member
+z, a row of member 0 is exactly a single-M dream; for the other kinds the agent's state there is what member
+0's observe makes of the imagined z (the RSSM: its posterior), as of a real frame's z. With batch 1 (a C in the real env) the agent is member 0 alone. Training (`loss`) fits every member
 to the whole batch and averages their terms; the members differ by their initialisation only.
 """
 
