@@ -5,7 +5,7 @@
         --controller runs/carracing_vae/controller/controller.pt [--taus 0.5 1.0 1.15] [--episodes 64]
 
 Plays the controller (the parameters 06 scores: its CMA-ES mean with evaluate.params: mean, else the best
-held-out mean) and the all-zero controller in M's dream
+held-out mean) and the all-zero controller in M's dream (for an ensemble, also per world member)
 (<run_dir>/mdnrnn/best.pt, starts from <run_dir>/latents) for --episodes batched
 episodes of up to env.max_episode_steps at each tau, and prints mean +- std. A
 dream worth training in gives a controller that drives in the real env a much
@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.dream import dream_score  # noqa: E402
+from models.ensemble import MemoryEnsemble  # noqa: E402
 from utils.checkpoints import load_model  # noqa: E402
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser  # noqa: E402
 from utils.data import start_latents  # noqa: E402
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
             d = dream_score(mdnrnn, starts, params, c.low, c.high, tau, args.episodes, cfg.env.max_episode_steps,
                             cfg.seed)
             print(f"tau {tau:g}  {name:16s} {d['mean']:8.1f} +- {d['std']:.1f}  (mean length {d['mean_length']:.0f})")
+            if isinstance(mdnrnn, MemoryEnsemble):  # row b's world is member b % K
+                k, returns = len(mdnrnn.members), np.array(d["returns"])
+                print("  per world member: " + ", ".join(f"{i}: {returns[i::k].mean():.1f} +- {returns[i::k].std():.1f}"
+                                                      for i in range(min(k, len(returns)))))
 
 
 if __name__ == "__main__":

@@ -159,5 +159,6 @@ def test_stages_04_to_06_with_an_ensemble_of_two(tiny_run, tmp_path):
     starts = start_latents(list_episodes(str(run_dir / "latents"), "latents"))
     played, best = (dream_score(memory, starts, p.numpy(), c.low, c.high, 1.0, 4, 100, 7)["mean"]
                     for p in (c_ckpt["params_mean"], c_ckpt["state_dict"]["params"]))
+    assert "  per world member: 0: " in proc.stdout and ", 1: " in proc.stdout
     printed = next(line for line in proc.stdout.splitlines() if line.startswith("tau 1  controller"))
     assert float(printed.split()[3]) == pytest.approx(played, abs=0.06) and abs(played - best) > 0.1
