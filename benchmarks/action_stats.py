@@ -52,6 +52,7 @@ def controller_actions(memory, controller, episode: dict) -> np.ndarray:
 
 
 def fmt(values: np.ndarray) -> str:
+    """float (A,) -> "[v0, v1, ...]" with 3 decimals."""
     return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
 
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--last", type=int, default=3, help="episodes C is played along (the newest)")
     args = parser.parse_args(argv)
     cfg = load_stage_config(args)
+    if args.last < 1:
+        raise UserError(f"--last: expected at least 1 episode to play C along, got {args.last}")
     torch.set_num_threads(1)
     files = list_episodes(stage_dir(cfg, "latents"), "latents")
     episodes = [load_episode(path, ("mu", "actions", "rewards")) for path in files]

@@ -51,6 +51,7 @@ class MemoryEnsemble(nn.Module):
         self.z_dim, self.action_dim, self.feature_dim = first.z_dim, first.action_dim, first.feature_dim
 
     def sizes(self) -> dict:
+        """The members' sizes plus {"members": K} (stored in a checkpoint)."""
         return {**self.members[0].sizes(), "members": len(self.members)}
 
     def _served(self, batch: int):
@@ -90,6 +91,7 @@ class MemoryEnsemble(nn.Module):
         return state[:n], state[n:]
 
     def initial_state(self, batch: int):
+        """Each row's world and member 0 before the first observation: the members' state parts, batch first."""
         parts = [(rows, m.initial_state(len(range(batch)[rows]))) for m, rows in self._served(batch)]
         return self._merge(parts, batch) + self.members[0].initial_state(batch)
 
@@ -104,6 +106,7 @@ class MemoryEnsemble(nn.Module):
         return self.members[0].features(self._split(state)[1])
 
     def transition(self, state, a: torch.Tensor):
+        """The deterministic step with action a float32 (B, action_dim), in each row's world and in member 0."""
         world, agent = self._split(state)
         world = self._map(lambda m, s, a_rows: m.transition(s, a_rows), world, a)
         return world + self.members[0].transition(agent, a)
