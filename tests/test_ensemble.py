@@ -108,6 +108,19 @@ def test_checkpoint_round_trip_keeps_the_members_and_a_dream_spreads_rows_over_t
         MemoryEnsemble([ensemble.members[0], other])
 
 
+def test_min_ensemble_fitness_is_the_worst_members_mean():
+    from utils.cmaes_trainer import candidate_fitness
+
+    # candidate c's rollout j dreams in member j % 2: columns 0 and 2 are member 0's, 1 and 3 member 1's
+    returns = np.array([[10.0, 0.0, 30.0, 4.0],     # member means 20 and 2
+                        [-5.0, 50.0, -15.0, 70.0]])  # member means -10 and 60
+    np.testing.assert_allclose(candidate_fitness(returns), [11.0, 25.0])
+    np.testing.assert_allclose(candidate_fitness(returns, members=2), [2.0, -10.0])
+    np.testing.assert_allclose(candidate_fitness(returns, members=4), returns.min(axis=1))
+    with pytest.raises(ValueError, match=r"rollouts_per_candidate \(4\) must be a multiple"):
+        candidate_fitness(returns, members=3)
+
+
 def test_stages_04_to_06_with_an_ensemble_of_two(tiny_run, tmp_path):
     """04 with memory.ensemble=2 saves both members in one checkpoint; 05 trains C in their dream from real
     windows; 06 scores C in the real env and the dream. A fine-tune from a single M is refused before 04 writes."""
@@ -162,3 +175,17 @@ def test_stages_04_to_06_with_an_ensemble_of_two(tiny_run, tmp_path):
     assert "  per world member: 0: " in proc.stdout and ", 1: " in proc.stdout
     printed = next(line for line in proc.stdout.splitlines() if line.startswith("tau 1  controller"))
     assert float(printed.split()[3]) == pytest.approx(played, abs=0.06) and abs(played - best) > 0.1
+
+    # controller.ensemble_fitness=min: a state trained with the mean is not resumed with it, a single M and a
+    # member count that does not divide the rollouts are refused before 05 writes, and it trains
+    history = (run_dir / "controller" / "history.csv").read_bytes()
+    assert_user_error(run_script("05_train_controller", config, "--set", "controller.ensemble_fitness=min"),
+                      "ensemble_fitness=mean", "has min")
+    assert_user_error(run_script("05_train_controller", config, "--mdnrnn", single, "--overwrite", "--set",
+                                 "controller.ensemble_fitness=min"), "controller.ensemble_fitness", "single M")
+    assert_user_error(run_script("05_train_controller", config, "--overwrite", "--set", "controller.ensemble_fitness=min",
+                                 "controller.rollouts_per_candidate=3"), "rollouts_per_candidate: 3", "2 ensemble")
+    assert (run_dir / "controller" / "history.csv").read_bytes() == history
+    proc = run_script("05_train_controller", config, "--overwrite", "--set", "controller.ensemble_fitness=min")
+    assert_ok(proc)
+    assert "fitness of the worst of 2 world members" in proc.stdout

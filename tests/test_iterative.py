@@ -124,6 +124,12 @@ def test_later_rounds_can_start_c_at_the_previous_rounds(tmp_path):
     assert not any(s.startswith("controller.init_from") for s in round_overrides(scratch, 1))
     with pytest.raises(UserError, match="iterative.controller_init"):
         check_iterative_config(load_config(config, ["controller.kind=actor_critic"]))
+    for sets in (["controller.ensemble_fitness=min"],
+                 ["controller.ensemble_fitness=min", "memory.ensemble=3", "controller.rollouts_per_candidate=4"]):
+        with pytest.raises(UserError, match="controller.ensemble_fitness: min .* needs memory.ensemble >= 2"):
+            check_iterative_config(load_config(config, sets))
+    check_iterative_config(load_config(config, ["controller.ensemble_fitness=min", "memory.ensemble=2",
+                                                "controller.rollouts_per_candidate=4"]))
 
 
 def test_iterative_config_errors(tmp_path):

@@ -71,6 +71,30 @@ def generation_seeds(cfg: Config, generation: int) -> list[int]:
     return [env_seed(cfg.controller_seed, "controller_train", generation * r + j) for j in range(r)]
 
 
+def candidate_fitness(returns: np.ndarray, members: int = 1) -> np.ndarray:
+    """CMA-ES fitness of each candidate from its dream returns.
+
+    Args:
+        returns: float (candidates, rollouts): candidate c's rollout j is row c * rollouts + j of the batched
+            dream, whose world is an ensemble's member j % members (models/ensemble.py).
+        members: 1, the mean over all rollouts; K >= 2, the lowest of the K members' mean returns (the worst
+            case over the models of EPOpt, Rajeswaran et al. 2017, with its epsilon -> 0): a C scores only as
+            well as the member that rates it worst, so an error most members share but one does not is caught.
+
+    Returns:
+        float (candidates,).
+
+    Raises:
+        ValueError: rollouts not a multiple of members (a member would get no rollout of some candidate).
+    """
+    candidates, rollouts = returns.shape
+    if rollouts % members:
+        raise ValueError(f"controller.rollouts_per_candidate ({rollouts}) must be a multiple of the ensemble's "
+                         f"{members} members for controller.ensemble_fitness=min")
+    per_member = returns.reshape(candidates, rollouts // members, members).mean(axis=1)
+    return per_member.min(axis=1)
+
+
 def _write_history(path: str, history: list[dict]) -> None:
     save_csv(path, history, HISTORY_FIELDS)
 
@@ -249,9 +273,9 @@ class ControllerTrainer:
         arrays, meta = load_search_state(self.state_path)
         cc = self.cfg.controller
         expected = {"num_params": self.controller.num_params, "env": cc.env, "popsize": cc.popsize,
-                    "sigma0": cc.sigma0, "seed": self.cfg.controller_seed}
+                    "sigma0": cc.sigma0, "seed": self.cfg.controller_seed, "ensemble_fitness": cc.ensemble_fitness}
         for key, value in expected.items():
-            if meta.get(key) != value:
+            if meta.get(key, "mean" if key == "ensemble_fitness" else None) != value:  # states before the key: mean
                 raise UserError(f"{self.state_path}: saved with {key}={meta.get(key)}, this run has {value}; "
                                 "pass --overwrite to start over")
         if meta.get("input_sha256") != self.input_sha256:
@@ -272,7 +296,7 @@ class ControllerTrainer:
     def _save_state(self, state: dict) -> None:
         cc, best = self.cfg.controller, state["best"]
         meta = {"num_params": self.controller.num_params, "env": cc.env, "popsize": cc.popsize, "sigma0": cc.sigma0,
-                "seed": self.cfg.controller_seed, "input_sha256": self.input_sha256, "inputs": self.paths,
+                "seed": self.cfg.controller_seed, "ensemble_fitness": cc.ensemble_fitness, "input_sha256": self.input_sha256, "inputs": self.paths,
                 "generation": state["generation"], "history": state["history"], "elapsed_s": state["elapsed_s"],
                 "best": None if best is None else {k: v for k, v in best.items() if k != "params"}}
         save_search_state(self.state_path, state["search"], meta, None if best is None else best["params"])
@@ -319,7 +343,9 @@ class ControllerTrainer:
             mdnrnn, params, starts, self.controller.low, self.controller.high,
             cc.temperature, cc.max_steps or cfg.env.max_episode_steps, generator,
         )
-        return returns.reshape(len(candidates), r).mean(axis=1), {"env_steps": 0, "dream_steps": int(lengths.sum())}
+        members = len(mdnrnn.members) if cc.ensemble_fitness == "min" else 1
+        fitness = candidate_fitness(returns.reshape(len(candidates), r), members)
+        return fitness, {"env_steps": 0, "dream_steps": int(lengths.sum())}
 
     def run(self, state: dict) -> dict:
         """Train from `state` (load_or_create) to the last generation or the wall-time budget; returns the state."""

@@ -173,6 +173,10 @@ class ControllerConfig(LinearControllerConfig):
                               "frame of a real episode, Ha & Schmidhuber) | anywhere (M after a real window of "
                               "memory.seq_len steps ending anywhere in an episode: pair it with a short max_steps)",
                               choices=("reset", "anywhere"))
+    ensemble_fitness: str = param("mean", "env dream with an ensemble M (memory.ensemble K >= 2): a candidate's "
+                                  "fitness is the mean return over all its rollouts (mean) | the lowest of the K "
+                                  "world members' mean returns (min: EPOpt's worst case, Rajeswaran et al. 2017; "
+                                  "rollouts_per_candidate must be a multiple of K)", choices=("mean", "min"))
     init_from: str = param("", "linear C: a controller.pt whose C (the one evaluate.params names) is CMA-ES's "
                            "initial mean; empty: zeros")
     seed: int | None = param(None, "seed of C's training alone (CMA-ES's draws, its training and held-out "

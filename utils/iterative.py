@@ -121,7 +121,8 @@ def check_iterative_config(cfg: Config) -> None:
 
     Raises:
         UserError: controller.env real with the linear C; a refitted V with a fine-tuned M; a real-env bootstrap
-            (CMA-ES) or a C started from the previous round's for the actor-critic.
+            (CMA-ES) or a C started from the previous round's for the actor-critic; ensemble_fitness min without
+            an ensemble M whose size divides rollouts_per_candidate.
     """
     if cfg.controller.kind == "linear" and cfg.controller.env != "dream":
         raise UserError("controller.env: iterative training trains C inside M only; set controller.env=dream "
@@ -132,6 +133,11 @@ def check_iterative_config(cfg: Config) -> None:
     if cfg.iterative.bootstrap_generations and cfg.controller.kind != "linear":
         raise UserError(f"iterative.bootstrap_generations: the real-env bootstrap trains the linear C with CMA-ES; "
                         f"controller.kind is {cfg.controller.kind}, so set iterative.bootstrap_generations=0")
+    cc, k = cfg.controller, cfg.memory.ensemble
+    if cc.kind == "linear" and cc.ensemble_fitness == "min" and (k < 2 or cc.rollouts_per_candidate % k):
+        raise UserError(f"controller.ensemble_fitness: min takes the worst of an ensemble M's members, so it needs "
+                        f"memory.ensemble >= 2 dividing controller.rollouts_per_candidate; got {k} and "
+                        f"{cc.rollouts_per_candidate}")
     if cfg.iterative.refit_vision and cfg.iterative.memory_init == "previous":
         raise UserError("iterative.memory_init: previous fine-tunes M on the z of the same V; with "
                         "iterative.refit_vision true every round has a new V, so set iterative.memory_init=scratch")
