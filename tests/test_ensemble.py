@@ -183,8 +183,9 @@ def test_stages_04_to_06_with_an_ensemble_of_two(tiny_run, tmp_path):
                       "ensemble_fitness=mean", "has min")
     assert_user_error(run_script("05_train_controller", config, "--mdnrnn", single, "--overwrite", "--set",
                                  "controller.ensemble_fitness=min"), "controller.ensemble_fitness", "single M")
-    assert_user_error(run_script("05_train_controller", config, "--overwrite", "--set", "controller.ensemble_fitness=min",
-                                 "controller.rollouts_per_candidate=3"), "rollouts_per_candidate: 3", "2 ensemble")
+    assert_user_error(run_script("05_train_controller", config, "--overwrite", "--set",
+                                 "controller.ensemble_fitness=min", "controller.rollouts_per_candidate=3"),
+                      "rollouts_per_candidate: 3", "2 ensemble")
     assert (run_dir / "controller" / "history.csv").read_bytes() == history
     proc = run_script("05_train_controller", config, "--overwrite", "--set", "controller.ensemble_fitness=min")
     assert_ok(proc)

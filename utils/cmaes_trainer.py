@@ -275,8 +275,9 @@ class ControllerTrainer:
         expected = {"num_params": self.controller.num_params, "env": cc.env, "popsize": cc.popsize,
                     "sigma0": cc.sigma0, "seed": self.cfg.controller_seed, "ensemble_fitness": cc.ensemble_fitness}
         for key, value in expected.items():
-            if meta.get(key, "mean" if key == "ensemble_fitness" else None) != value:  # states before the key: mean
-                raise UserError(f"{self.state_path}: saved with {key}={meta.get(key)}, this run has {value}; "
+            saved = meta.get(key, "mean" if key == "ensemble_fitness" else None)  # states before the key: mean
+            if saved != value:
+                raise UserError(f"{self.state_path}: saved with {key}={saved}, this run has {value}; "
                                 "pass --overwrite to start over")
         if meta.get("input_sha256") != self.input_sha256:
             changed = [k for k in self.input_sha256 if (meta.get("input_sha256") or {}).get(k) != self.input_sha256[k]]
@@ -296,7 +297,8 @@ class ControllerTrainer:
     def _save_state(self, state: dict) -> None:
         cc, best = self.cfg.controller, state["best"]
         meta = {"num_params": self.controller.num_params, "env": cc.env, "popsize": cc.popsize, "sigma0": cc.sigma0,
-                "seed": self.cfg.controller_seed, "ensemble_fitness": cc.ensemble_fitness, "input_sha256": self.input_sha256, "inputs": self.paths,
+                "seed": self.cfg.controller_seed, "ensemble_fitness": cc.ensemble_fitness,
+                "input_sha256": self.input_sha256, "inputs": self.paths,
                 "generation": state["generation"], "history": state["history"], "elapsed_s": state["elapsed_s"],
                 "best": None if best is None else {k: v for k, v in best.items() if k != "params"}}
         save_search_state(self.state_path, state["search"], meta, None if best is None else best["params"])
