@@ -42,20 +42,23 @@ from utils.seeding import seed_everything
 from utils.training import resolve_device
 
 
-def check_ensemble_fitness(cc, mdnrnn, mdnrnn_path: str) -> None:
-    """controller.ensemble_fitness=min (CMA-ES of the linear C in the dream; the key is unused elsewhere, as
-    dream_starts is) needs an ensemble M whose K members divide a candidate's rollouts.
+def check_ensemble_options(cc, mdnrnn, mdnrnn_path: str) -> None:
+    """controller.ensemble_fitness=min and controller.disagreement_penalty > 0 (CMA-ES of the linear C in the
+    dream; the keys are unused elsewhere, as dream_starts is) need an ensemble M; min also needs its K members to
+    divide a candidate's rollouts.
 
     Raises:
         UserError: a single M, or rollouts_per_candidate not a multiple of K; before anything is written.
     """
-    if cc.ensemble_fitness == "mean" or cc.kind != "linear" or cc.env != "dream":
+    if cc.kind != "linear" or cc.env != "dream":
         return
     members = len(getattr(mdnrnn, "members", ()))
-    if members < 2:
-        raise UserError(f"controller.ensemble_fitness: min takes the worst member of an ensemble M "
-                        f"(memory.ensemble >= 2), but {mdnrnn_path} is a single M")
-    if cc.rollouts_per_candidate % members:
+    for key, wanted in (("ensemble_fitness", cc.ensemble_fitness == "min"), ("disagreement_penalty",
+                                                                           cc.disagreement_penalty > 0)):
+        if wanted and members < 2:
+            raise UserError(f"controller.{key}: {getattr(cc, key)} compares the members of an ensemble M "
+                            f"(memory.ensemble >= 2), but {mdnrnn_path} is a single M")
+    if cc.ensemble_fitness == "min" and cc.rollouts_per_candidate % members:
         raise UserError(f"controller.rollouts_per_candidate: {cc.rollouts_per_candidate} must be a multiple of the "
                         f"{members} ensemble members of {mdnrnn_path} for controller.ensemble_fitness=min")
 
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"controller.actor_critic.min_std ({cc.actor_critic.min_std}) must be below "
                         f"controller.actor_critic.max_std ({cc.actor_critic.max_std})")
     vision, mdnrnn = load_world_model(vision_path, mdnrnn_path, cfg.vision.z_dim, cfg.memory.kind)
-    check_ensemble_fitness(cc, mdnrnn, mdnrnn_path)
+    check_ensemble_options(cc, mdnrnn, mdnrnn_path)
     check_reads_vision(cc.inputs, vision, vision_path)
     env = make_env(cfg.env)
     low, high = env.action_space.low, env.action_space.high
@@ -113,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         where = f"in the dream (tau {cc.temperature:g}, {len(dream[1])} start latents)"
     if dream and cc.ensemble_fitness == "min":
         where += f", fitness of the worst of {len(mdnrnn.members)} world members"
+    if dream and cc.disagreement_penalty:
+        where += (f", reward minus {cc.disagreement_penalty:g} x the spread of {len(mdnrnn.members)} members' "
+                  "rewards (MOPO)")
     if initial:
         where += f", from the C of {initial[0]}"
     print(f"[05] CMA-ES {where}: C sees {cc.inputs}, {controller.num_params} parameters, population {cc.popsize} x "

@@ -130,3 +130,100 @@ class MemoryEnsemble(nn.Module):
         as one M's, and each member gets the gradient of its own loss / K)."""
         terms = [m.loss(*args, **kwargs) for m in self.members]
         return {name: torch.stack([t[name] for t in terms]).mean() for name in terms[0]}
+
+
+class PenalisedEnsemble(nn.Module):
+    """The uncertainty-penalised dream of an ensemble M: MOPO's r~ = r - lambda u (Yu, Thomas, Yu, Ermon, Zou,
+    Levine, Finn and Ma, NeurIPS 2020, eq. 4), with u the spread of the members' predicted rewards.
+
+    The mean fitness of an ensemble dream lets through an error most members share; the worst member's
+    (EPOpt) is as noisy as its few rollouts. MOPO instead charges every imagined step for how much the
+    models disagree there: where the data pins M down the members agree and the reward is nearly M's own,
+    off the data they drift apart and the step costs lambda * u. Here u is the standard deviation over the
+    K members of their predicted reward for the step (MOPO's u is the largest predicted next-state sigma;
+    the members' reward spread is what a dream return is made of, and every M kind has a reward head).
+
+    To have every member's prediction on every row, every member filters every row (K member steps per
+    row and step, against 2 in MemoryEnsemble): row b's world is still member b % K, which gives the next z;
+    the others observe that z as they would a real frame's, and C reads member 0's features. With lambda 0
+    and the MDN-RNN (whose observe only sets z) the dream is exactly MemoryEnsemble's for the same generator.
+
+    Args:
+        ensemble: a MemoryEnsemble (its members are shared, not copied).
+        penalty: lambda >= 0, in reward units per unit of u.
+
+    `heads` gives the penalised reward; the other methods follow the M interface of models/__init__.py.
+
+    Raises:
+        ValueError: a negative penalty, or a memory that is not a MemoryEnsemble.
+    """
+
+    def __init__(self, ensemble: MemoryEnsemble, penalty: float):
+        super().__init__()
+        if not isinstance(ensemble, MemoryEnsemble):
+            raise ValueError("the disagreement penalty needs an ensemble M (memory.ensemble >= 2)")
+        if penalty < 0:
+            raise ValueError(f"the disagreement penalty must be >= 0, got {penalty}")
+        self.members, self.penalty = ensemble.members, float(penalty)
+        self.kind, self.config, self.config_class = ensemble.kind, ensemble.config, ensemble.config_class
+        self.z_dim, self.action_dim, self.feature_dim = ensemble.z_dim, ensemble.action_dim, ensemble.feature_dim
+
+    # A state is member 0's parts, then member 1's, ...: every member's state of all B rows.
+
+    def _per_member(self, state) -> list[tuple]:
+        n = len(state) // len(self.members)
+        return [tuple(state[i * n : (i + 1) * n]) for i in range(len(self.members))]
+
+    def _each(self, fn, state) -> tuple:
+        return tuple(part for m, s in zip(self.members, self._per_member(state)) for part in fn(m, s))
+
+    def initial_state(self, batch: int):
+        return tuple(part for m in self.members for part in m.initial_state(batch))
+
+    def observe(self, state, z: torch.Tensor, sample: bool = False, generator=None):
+        return self._each(lambda m, s: m.observe(s, z, sample, generator), state)
+
+    def features(self, state) -> torch.Tensor:
+        """What C reads: member 0's features, (B, feature_dim)."""
+        return self.members[0].features(self._per_member(state)[0])
+
+    def transition(self, state, a: torch.Tensor):
+        return self._each(lambda m, s: m.transition(s, a), state)
+
+    def _worlds(self, batch: int):
+        k = len(self.members)
+        return [(i, slice(i, None, k)) for i in range(min(k, batch))]
+
+    def imagine(self, state, temperature: float = 1.0, generator=None):
+        """Row b's world (member b % K) samples the next z at tau; every other member observes it. The members
+        draw in order 0..K-1, as in MemoryEnsemble.imagine."""
+        states = self._per_member(state)
+        batch = len(states[0][0])
+        imagined = [(i, rows, self.members[i].imagine(MemoryEnsemble._rows(states[i], rows), temperature,
+                                                      generator)) for i, rows in self._worlds(batch)]
+        z = MemoryEnsemble._merge([(rows, self.members[i].latent(s)) for i, rows, s in imagined], batch)
+        out = [m.observe(s, z) for m, s in zip(self.members, states)]
+        for i, rows, s in imagined:  # the world keeps its own imagined state on its rows
+            out[i] = tuple(part.index_put((torch.arange(batch, device=part.device)[rows],), own)
+                           for part, own in zip(out[i], s))
+        return tuple(part for s in out for part in s)
+
+    def member_rewards(self, state) -> torch.Tensor:
+        """Every member's predicted reward on every row, float (K, B)."""
+        return torch.stack([m.heads(s)[0] for m, s in zip(self.members, self._per_member(state))])
+
+    def heads(self, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Penalised reward, done logit), (B,) each: row b's world's reward minus lambda times the standard
+        deviation of the K members' rewards (unbiased), and the world's done logit."""
+        states = self._per_member(state)
+        batch = len(states[0][0])
+        world = MemoryEnsemble._merge([(rows, self.members[i].heads(MemoryEnsemble._rows(states[i], rows)))
+                                       for i, rows in self._worlds(batch)], batch)
+        reward, done_logit = world
+        if self.penalty:
+            reward = reward - self.penalty * self.member_rewards(state).std(dim=0)
+        return reward, done_logit
+
+    def latent(self, state) -> torch.Tensor:
+        """The world's z (B, z_dim): after `imagine` every member holds it."""
+        return self.members[0].latent(self._per_member(state)[0])

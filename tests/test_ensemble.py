@@ -6,7 +6,7 @@ import torch
 
 from models import build, checkpoint_dict, from_checkpoint_dict
 from models.dream import dream_returns
-from models.ensemble import MemoryEnsemble
+from models.ensemble import MemoryEnsemble, PenalisedEnsemble
 from models.mdnrnn import MDNRNNConfig
 from models.rssm import RSSMConfig, RSSMOptions
 from models.tssm import TSSMConfig, TSSMOptions
@@ -108,6 +108,43 @@ def test_checkpoint_round_trip_keeps_the_members_and_a_dream_spreads_rows_over_t
         MemoryEnsemble([ensemble.members[0], other])
 
 
+def test_the_penalised_dream_is_the_ensembles_dream_minus_lambda_times_the_members_reward_spread():
+    """PenalisedEnsemble (MOPO): lambda 0 gives exactly MemoryEnsemble's dream for the same generator; with lambda
+    > 0 a step's reward is its world's minus lambda times the std of every member's reward, each member having
+    filtered the same z sequence."""
+    torch.manual_seed(0)
+    ensemble = build("memory", "mdnrnn", CONFIGS["mdnrnn"], z_dim=Z, action_dim=A, members=3).eval()
+    params, starts = np.random.default_rng(0).normal(0, 0.5, (7, (Z + 8) * A + A)), np.random.randn(7, Z)
+    low, high = np.array([-1.0, 0, 0]), np.ones(3)
+    def play(memory):
+        return dream_returns(memory, params, starts, low, high, 1.0, 12, torch.Generator().manual_seed(3))
+
+    plain, unpenalised = play(ensemble), play(PenalisedEnsemble(ensemble, 0.0))
+    penalised = play(PenalisedEnsemble(ensemble, 2.0))
+    np.testing.assert_array_equal(plain[0], unpenalised[0])
+    assert (penalised[0] < plain[0]).all()  # the same dream (same z draws), every step charged
+    pessimist = PenalisedEnsemble(ensemble, 2.0)
+    z, a = torch.randn(B, Z), torch.rand(B, A)
+    with torch.no_grad():
+        state = pessimist.imagine(pessimist.transition(pessimist.observe(pessimist.initial_state(B), z), a), 1.0,
+                                  torch.Generator().manual_seed(4))
+        world = ensemble.imagine(ensemble.transition(ensemble.observe(ensemble.initial_state(B), z), a), 1.0,
+                                 torch.Generator().manual_seed(4))
+        next_z = ensemble.latent(world)
+        torch.testing.assert_close(pessimist.latent(state), next_z)
+        torch.testing.assert_close(pessimist.features(state), ensemble.features(world))
+        every = torch.stack([m.heads(m.observe(m.transition(m.observe(m.initial_state(B), z), a), next_z))[0]
+                             for m in ensemble.members])  # (3, B): each member on every row
+        reward, done = pessimist.heads(state)
+        world_reward, world_done = ensemble.heads(world)
+    torch.testing.assert_close(reward, world_reward - 2.0 * every.std(dim=0))
+    torch.testing.assert_close(done, world_done)
+    with pytest.raises(ValueError, match="ensemble M"):
+        PenalisedEnsemble(ensemble.members[0], 1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        PenalisedEnsemble(ensemble, -1.0)
+
+
 def test_min_ensemble_fitness_is_the_worst_members_mean():
     from utils.cmaes_trainer import candidate_fitness
 
@@ -190,3 +227,14 @@ def test_stages_04_to_06_with_an_ensemble_of_two(tiny_run, tmp_path):
     proc = run_script("05_train_controller", config, "--overwrite", "--set", "controller.ensemble_fitness=min")
     assert_ok(proc)
     assert "fitness of the worst of 2 world members" in proc.stdout
+
+    # controller.disagreement_penalty (MOPO): refused for a single M, not resumed from a state without it, trains
+    history = (run_dir / "controller" / "history.csv").read_bytes()
+    assert_user_error(run_script("05_train_controller", config, "--mdnrnn", single, "--overwrite", "--set",
+                                 "controller.disagreement_penalty=1.0"), "controller.disagreement_penalty", "single M")
+    assert_user_error(run_script("05_train_controller", config, "--set", "controller.ensemble_fitness=min",
+                                 "controller.disagreement_penalty=1.0"), "disagreement_penalty=0.0", "has 1.0")
+    assert (run_dir / "controller" / "history.csv").read_bytes() == history
+    proc = run_script("05_train_controller", config, "--overwrite", "--set", "controller.disagreement_penalty=1.0")
+    assert_ok(proc)
+    assert "reward minus 1 x the spread of 2 members' rewards (MOPO)" in proc.stdout

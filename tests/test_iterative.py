@@ -130,6 +130,9 @@ def test_later_rounds_can_start_c_at_the_previous_rounds(tmp_path):
             check_iterative_config(load_config(config, sets))
     check_iterative_config(load_config(config, ["controller.ensemble_fitness=min", "memory.ensemble=2",
                                                 "controller.rollouts_per_candidate=4"]))
+    with pytest.raises(UserError, match="controller.disagreement_penalty: 1.0 .* needs memory.ensemble >= 2"):
+        check_iterative_config(load_config(config, ["controller.disagreement_penalty=1.0"]))
+    check_iterative_config(load_config(config, ["controller.disagreement_penalty=1.0", "memory.ensemble=2"]))
 
 
 def test_iterative_config_errors(tmp_path):

@@ -10,6 +10,9 @@ minus that (cma minimises).
   starts, drawn per generation (first frames, or with controller.dream_starts
   anywhere M's state after a real window), and the whole population x rollouts
   is stepped as one torch batch inside M at temperature tau (models/dream.py).
+  With an ensemble M, controller.ensemble_fitness min scores a candidate by its
+  worst world member, and controller.disagreement_penalty > 0 steps it in
+  MOPO's penalised dream (models.ensemble.PenalisedEnsemble).
 
 CMA-ES starts at zeros, or at the C of controller.init_from (iterative
 training's controller_init previous).
@@ -46,6 +49,7 @@ from tqdm import tqdm
 
 from models.controller import LinearController
 from models.dream import burn_in, dream_returns
+from models.ensemble import PenalisedEnsemble
 from utils.checkpoints import read_checkpoint, save_model
 from utils.config import Config, config_to_dict
 from utils.episodes import agent_task, expected_episode_s, init_agent_worker
@@ -195,6 +199,7 @@ class ResumableCMAES:
         return search
 
 
+KEYS_BEFORE_SAVED = {"ensemble_fitness": "mean", "disagreement_penalty": 0.0}  # what an older state's run had
 STATE_ARRAYS = ("told", "mean", "sigma", "best_params", "meta")
 OPTIONAL_STATE_ARRAYS = ("x0",)  # absent from states written before controller.init_from existed
 
@@ -273,9 +278,10 @@ class ControllerTrainer:
         arrays, meta = load_search_state(self.state_path)
         cc = self.cfg.controller
         expected = {"num_params": self.controller.num_params, "env": cc.env, "popsize": cc.popsize,
-                    "sigma0": cc.sigma0, "seed": self.cfg.controller_seed, "ensemble_fitness": cc.ensemble_fitness}
+                    "sigma0": cc.sigma0, "seed": self.cfg.controller_seed, "ensemble_fitness": cc.ensemble_fitness,
+                    "disagreement_penalty": cc.disagreement_penalty}
         for key, value in expected.items():
-            saved = meta.get(key, "mean" if key == "ensemble_fitness" else None)  # states before the key: mean
+            saved = meta.get(key, KEYS_BEFORE_SAVED.get(key))  # states from before a key hold its default
             if saved != value:
                 raise UserError(f"{self.state_path}: saved with {key}={saved}, this run has {value}; "
                                 "pass --overwrite to start over")
@@ -298,6 +304,7 @@ class ControllerTrainer:
         cc, best = self.cfg.controller, state["best"]
         meta = {"num_params": self.controller.num_params, "env": cc.env, "popsize": cc.popsize, "sigma0": cc.sigma0,
                 "seed": self.cfg.controller_seed, "ensemble_fitness": cc.ensemble_fitness,
+                "disagreement_penalty": cc.disagreement_penalty,
                 "input_sha256": self.input_sha256, "inputs": self.paths,
                 "generation": state["generation"], "history": state["history"], "elapsed_s": state["elapsed_s"],
                 "best": None if best is None else {k: v for k, v in best.items() if k != "params"}}
@@ -328,6 +335,8 @@ class ControllerTrainer:
         """All candidates x rollouts in one batched dream rollout, from the same starts per generation."""
         cfg, cc = self.cfg, self.cfg.controller
         mdnrnn, start_z, windows = self.dream
+        # MOPO's penalised reward: the fitness counts the members' disagreement; 05's dream score does not
+        world = PenalisedEnsemble(mdnrnn, cc.disagreement_penalty) if cc.disagreement_penalty else mdnrnn
         rng = np.random.default_rng([cfg.controller_seed, generation])
         r = cc.rollouts_per_candidate
         if cc.dream_starts == "anywhere":  # M's state after a real window ending anywhere in an episode
@@ -336,13 +345,13 @@ class ControllerTrainer:
             device = next(mdnrnn.parameters()).device
             tiled = {k: torch.from_numpy(np.tile(picked[k], (len(candidates), 1, 1))).to(device) for k in ("mu", "actions")}
             # row c * r + j: window j, filtered by the M that dreams on from it (an ensemble's member (c*r + j) % K)
-            starts = burn_in(mdnrnn, tiled["mu"], tiled["actions"])
+            starts = burn_in(world, tiled["mu"], tiled["actions"])
         else:  # M after the first frame of a real episode (Ha & Schmidhuber)
             starts = np.tile(start_z[rng.integers(len(start_z), size=r)], (len(candidates), 1))
         params = np.repeat(np.asarray(candidates, dtype=np.float32), r, axis=0)  # row c * r + j
         generator = torch.Generator(next(mdnrnn.parameters()).device).manual_seed(int(rng.integers(2**62)))
         returns, lengths = dream_returns(
-            mdnrnn, params, starts, self.controller.low, self.controller.high,
+            world, params, starts, self.controller.low, self.controller.high,
             cc.temperature, cc.max_steps or cfg.env.max_episode_steps, generator,
         )
         members = len(mdnrnn.members) if cc.ensemble_fitness == "min" else 1

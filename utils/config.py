@@ -177,6 +177,10 @@ class ControllerConfig(LinearControllerConfig):
                                   "fitness is the mean return over all its rollouts (mean) | the lowest of the K "
                                   "world members' mean returns (min: EPOpt's worst case, Rajeswaran et al. 2017; "
                                   "rollouts_per_candidate must be a multiple of K)", choices=("mean", "min"))
+    disagreement_penalty: float = param(0.0, "env dream with an ensemble M: lambda of MOPO's penalised reward "
+                                        "r - lambda u (Yu et al. 2020), u the standard deviation of the K members' "
+                                        "predicted rewards for the step; every member then filters every rollout "
+                                        "(about K/2 times the dream's cost); 0: off", minimum=0)
     init_from: str = param("", "linear C: a controller.pt whose C (the one evaluate.params names) is CMA-ES's "
                            "initial mean; empty: zeros")
     seed: int | None = param(None, "seed of C's training alone (CMA-ES's draws, its training and held-out "

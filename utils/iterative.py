@@ -122,7 +122,7 @@ def check_iterative_config(cfg: Config) -> None:
     Raises:
         UserError: controller.env real with the linear C; a refitted V with a fine-tuned M; a real-env bootstrap
             (CMA-ES) or a C started from the previous round's for the actor-critic; ensemble_fitness min without
-            an ensemble M whose size divides rollouts_per_candidate.
+            an ensemble M whose size divides rollouts_per_candidate; a disagreement penalty without an ensemble.
     """
     if cfg.controller.kind == "linear" and cfg.controller.env != "dream":
         raise UserError("controller.env: iterative training trains C inside M only; set controller.env=dream "
@@ -138,6 +138,9 @@ def check_iterative_config(cfg: Config) -> None:
         raise UserError(f"controller.ensemble_fitness: min takes the worst of an ensemble M's members, so it needs "
                         f"memory.ensemble >= 2 dividing controller.rollouts_per_candidate; got {k} and "
                         f"{cc.rollouts_per_candidate}")
+    if cc.kind == "linear" and cc.disagreement_penalty > 0 and k < 2:
+        raise UserError(f"controller.disagreement_penalty: {cc.disagreement_penalty} compares the members of an "
+                        f"ensemble M, so it needs memory.ensemble >= 2; got {k}")
     if cfg.iterative.refit_vision and cfg.iterative.memory_init == "previous":
         raise UserError("iterative.memory_init: previous fine-tunes M on the z of the same V; with "
                         "iterative.refit_vision true every round has a new V, so set iterative.memory_init=scratch")
