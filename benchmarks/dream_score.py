@@ -9,7 +9,8 @@ held-out mean) and the all-zero controller in M's dream (for an ensemble, also p
 (<run_dir>/mdnrnn/best.pt, starts from <run_dir>/latents) for --episodes batched
 episodes of up to env.max_episode_steps at each tau, and prints mean +- std. A
 dream worth training in gives a controller that drives in the real env a much
-higher return than the zero controller.
+higher return than the zero controller. For an ensemble M it also prints the mean over the episodes' steps of
+the members' reward spread u, which controller.disagreement_penalty charges lambda times per step.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.dream import dream_score  # noqa: E402
-from models.ensemble import MemoryEnsemble  # noqa: E402
+from models.ensemble import MemoryEnsemble, PenalisedEnsemble  # noqa: E402
 from utils.checkpoints import load_model  # noqa: E402
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser  # noqa: E402
 from utils.data import start_latents  # noqa: E402
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> None:
                 k, returns = len(mdnrnn.members), np.array(d["returns"])
                 print("  per world member: " + ", ".join(f"{i}: {returns[i::k].mean():.1f} +- {returns[i::k].std():.1f}"
                                                       for i in range(min(k, len(returns)))))
+                # the same episodes (same z draws) in MOPO's penalised dream with lambda 1: what each step costs
+                charged = dream_score(PenalisedEnsemble(mdnrnn, 1.0), starts, params, c.low, c.high, tau,
+                                      args.episodes, cfg.env.max_episode_steps, cfg.seed)
+                print(f"  members' reward spread u per step (controller.disagreement_penalty charges lambda u): "
+                      f"{(d['mean'] - charged['mean']) / d['mean_length']:.4f}")
 
 
 if __name__ == "__main__":
