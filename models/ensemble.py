@@ -178,9 +178,11 @@ class PenalisedEnsemble(nn.Module):
         return tuple(part for m, s in zip(self.members, self._per_member(state)) for part in fn(m, s))
 
     def initial_state(self, batch: int):
+        """Every member before the first observation, batch rows each."""
         return tuple(part for m in self.members for part in m.initial_state(batch))
 
     def observe(self, state, z: torch.Tensor, sample: bool = False, generator=None):
+        """Every member folds in the real latent z (B, z_dim)."""
         return self._each(lambda m, s: m.observe(s, z, sample, generator), state)
 
     def features(self, state) -> torch.Tensor:
@@ -188,6 +190,7 @@ class PenalisedEnsemble(nn.Module):
         return self.members[0].features(self._per_member(state)[0])
 
     def transition(self, state, a: torch.Tensor):
+        """Every member's deterministic step with action a float32 (B, action_dim)."""
         return self._each(lambda m, s: m.transition(s, a), state)
 
     def _worlds(self, batch: int):

@@ -180,7 +180,7 @@ class ControllerConfig(LinearControllerConfig):
     disagreement_penalty: float = param(0.0, "env dream with an ensemble M: lambda of MOPO's penalised reward "
                                         "r - lambda u (Yu et al. 2020), u the standard deviation of the K members' "
                                         "predicted rewards for the step; every member then filters every rollout "
-                                        "(about K/2 times the dream's cost); 0: off", minimum=0)
+                                        "(K member steps per dream step instead of 2); 0: off", minimum=0)
     init_from: str = param("", "linear C: a controller.pt whose C (the one evaluate.params names) is CMA-ES's "
                            "initial mean; empty: zeros")
     seed: int | None = param(None, "seed of C's training alone (CMA-ES's draws, its training and held-out "
