@@ -21,7 +21,7 @@ from utils.data import check_latents, split_episodes
 from utils.errors import UserError
 from utils.io import list_episodes, load_episode, read_manifest, write_manifest
 from utils.seeding import seed_everything
-from utils.training import build_model, check_init_from, resolve_device, train_memory
+from utils.training import build_model, check_init_from, check_memory_options, resolve_device, train_memory
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,10 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{latents}: need at least 2 episodes to hold one out (found {len(files)})")
     resolve_device(cfg.memory.device, "memory.device")
     mc = cfg.memory
-    if mc.kind == "tssm" and mc.tssm.context > mc.seq_len:
-        raise UserError(f"memory.tssm.context ({mc.tssm.context}) exceeds memory.seq_len ({mc.seq_len}): in play the "
-                        "TSSM would attend over spans no training window showed it; lower the context or lengthen "
-                        "the windows")
+    check_memory_options(cfg)
     if mc.init_from:  # checked before the stage folder is touched
         check_init_from(mc.init_from, build_model("memory", mc.kind, mc.model_config(), z_dim=sizes["z_dim"],
                                                      action_dim=sizes["action_dim"], members=mc.ensemble))
@@ -62,7 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         time.perf_counter() - start,
         {"epochs": len(history), "best_epoch": best["epoch"], **{k: v for k, v in best.items() if k.startswith("val_")}},
     )
-    print(f"[04] best held-out epoch {best['epoch']}: nll {best['val_nll']:.4f} nats/dim, reward mse {best['val_reward_mse']:.4f}")
+    open_loop = f", open loop over {mc.open_loop_horizon} steps: nll {best['val_open_loop_nll']:.4f}, reward mse " \
+        f"{best['val_open_loop_reward_mse']:.4f}" if mc.open_loop_horizon else ""
+    print(f"[04] best held-out epoch {best['epoch']}: nll {best['val_nll']:.4f} nats/dim, reward mse "
+          f"{best['val_reward_mse']:.4f}{open_loop}")
 
 
 if __name__ == "__main__":

@@ -198,9 +198,17 @@ class MDNRNN(nn.Module):
         return state[2]
 
     def loss(self, z, a, reward, done, next_valid, step_valid, reward_weight: float = 1.0,
-             done_weight: float = 1.0) -> dict[str, torch.Tensor]:
-        """`mdnrnn_loss` of this model (the training call every M kind has)."""
-        return mdnrnn_loss(self, z, a, reward, done, next_valid, step_valid, reward_weight, done_weight)
+             done_weight: float = 1.0, open_loop_horizon: int = 0, open_loop_weight: float = 1.0
+             ) -> dict[str, torch.Tensor]:
+        """`mdnrnn_loss` of this model (the training call every M kind has), plus `open_loop_terms` weighted by
+        open_loop_weight when open_loop_horizon >= 2."""
+        terms = mdnrnn_loss(self, z, a, reward, done, next_valid, step_valid, reward_weight, done_weight)
+        if open_loop_horizon >= 2:
+            extra = open_loop_terms(self, z, a, reward, done, next_valid, step_valid, open_loop_horizon)
+            dream_loss = extra["open_loop_nll"] + reward_weight * extra["open_loop_reward_mse"] \
+                + done_weight * extra["open_loop_done_bce"]
+            terms = {**terms, **extra, "loss": terms["loss"] + open_loop_weight * dream_loss}
+        return terms
 
 
 def mdnrnn_loss(
@@ -231,6 +239,86 @@ def mdnrnn_loss(
     done_bce = (bce * step_valid).sum() / n_steps
     loss = nll + reward_weight * reward_mse + done_weight * done_bce
     return {"loss": loss, "nll": nll, "reward_mse": reward_mse, "done_bce": done_bce}
+
+
+def open_loop_starts(steps: int, horizon: int) -> list[int]:
+    """Where `open_loop_terms` starts its open-loop runs in a window of `steps` steps: every horizon // 2 steps
+    from step horizon // 2 on, so that each run starts from an h that has filtered at least that many real
+    frames (a dream starts from a filtered h too; from h = 0 a mid-episode frame leaves the car's speed
+    unknown), and runs overlap by half. Raises ValueError unless 2 <= horizon < steps."""
+    if not 2 <= horizon < steps:
+        raise ValueError(f"open_loop_horizon must be at least 2 and below the window's {steps} steps, got {horizon}")
+    return list(range(horizon // 2, steps - 1, horizon // 2))
+
+
+def open_loop_terms(
+    model: MDNRNN,
+    z: torch.Tensor,
+    a: torch.Tensor,
+    reward: torch.Tensor,
+    done: torch.Tensor,
+    next_valid: torch.Tensor,
+    step_valid: torch.Tensor,
+    horizon: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """M's losses on its own dream: the real actions, but z imagined by M after the first step.
+
+    The teacher-forced loss (`mdnrnn_loss`) only ever shows the LSTM the real z_t, while a dream feeds it
+    z sampled from its own mixtures, so the imagined h drifts to states no training step reached, and the
+    reward head is queried there. This is the MDN-RNN's form of the multi-step prediction losses of
+    PlaNet's overshooting (Hafner et al. 2019, section 4) and of scheduled sampling (Bengio et al. 2015,
+    here with every input after the first sampled): from the teacher-forced state at each start
+    (`open_loop_starts`), M reads the real z_s and a_s, then for j = 1 .. horizon - 1 reads a z it sampled
+    itself at tau 1 (`mdn_sample`, reparameterised through mu and sigma; the component draw passes no
+    gradient) with the real a_{s+j}, and is scored on the real z_{s+j+1}, r_{s+j} and done_{s+j}. Runs stop
+    at the window's end.
+
+    Arguments as `mdnrnn_loss` (z float (B, T+1, D); a (B, T, A); reward, done, next_valid, step_valid
+    float (B, T)); horizon: steps per run, 2 <= horizon < T; generator draws the samples (None: torch's
+    global RNG).
+    Returns scalars over the open-loop steps only (j >= 1): `open_loop_nll` (nats per latent dim per step),
+    `open_loop_reward_mse`, `open_loop_done_bce`.
+
+    Raises:
+        ValueError: horizon < 2 or >= T.
+    """
+    B, T = a.shape[:2]
+    starts = open_loop_starts(T, horizon)
+    inputs = torch.cat([z[:, :-1], a], dim=-1)
+    h0, c0, state, prev = [], [], None, 0
+    for s in starts:  # the teacher-forced (h, c) before each start's step (every start is > 0)
+        _, state = model.lstm(inputs[:, prev:s], state)
+        prev = s
+        h, c = state
+        h0.append(h)
+        c0.append(c)
+    n = len(starts)
+    state = (torch.cat(h0, dim=1), torch.cat(c0, dim=1))  # (1, n * B, hidden), start-major
+    step = torch.as_tensor(starts, device=a.device)[:, None] + torch.arange(horizon, device=a.device)  # (n, k)
+    inside = (step < T).float()
+    step = step.clamp(max=T - 1)
+    take = lambda x: x[:, step].transpose(0, 1).reshape(n * B, horizon, *x.shape[2:])  # noqa: E731  (n*B, k, ...)
+    mask = inside.repeat_interleave(B, dim=0)  # (n*B, k)
+    acts, targets = take(a), take(z[:, 1:])
+    rewards, dones, step_mask, next_mask = take(reward), take(done), take(step_valid) * mask, take(next_valid) * mask
+    z_in = take(z[:, :-1])[:, 0]
+    nll, reward_err, done_err = [], [], []
+    for j in range(horizon):
+        _, state = model.lstm(torch.cat([z_in, acts[:, j]], dim=-1)[:, None], state)
+        h = state[0][0]
+        params = model._mixture(h)
+        if j:
+            nll.append(mdn_nll(params, targets[:, j]))
+            reward_err.append((model.reward_head(h).squeeze(-1) - rewards[:, j]).pow(2))
+            done_err.append(F.binary_cross_entropy_with_logits(model.done_head(h).squeeze(-1), dones[:, j],
+                                                               reduction="none"))
+        z_in = mdn_sample(params, 1.0, generator)
+    step_mask, next_mask = step_mask[:, 1:], next_mask[:, 1:]
+    per_step = lambda x, m: (torch.stack(x, dim=1) * m).sum() / m.sum().clamp(min=1)  # noqa: E731
+    return {"open_loop_nll": per_step(nll, next_mask) / model.z_dim,
+            "open_loop_reward_mse": per_step(reward_err, step_mask),
+            "open_loop_done_bce": per_step(done_err, step_mask)}
 
 
 def smoothed_rewards(rewards: np.ndarray, sigma: float) -> np.ndarray:

@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import distributions as D
 
 from models.controller import LinearController, LinearControllerConfig, batched_actions, squash_to_bounds
-from models.mdnrnn import MDNRNN, MDNRNNConfig, MixtureParams, mdn_nll, mdn_sample, mdnrnn_loss, smoothed_rewards
+from models.mdnrnn import (MDNRNN, MDNRNNConfig, MixtureParams, mdn_nll, mdn_sample, mdnrnn_loss, open_loop_starts,
+                           open_loop_terms, smoothed_rewards)
 from models.vae import ConvVAE, VAEConfig, gaussian_kl
 from utils.checkpoints import load_model, load_world_model, save_model
 from conftest import CreatesAFile
@@ -121,6 +123,61 @@ def test_mdnrnn_loss_ignores_whatever_the_padding_holds():
         torch.testing.assert_close(padded[key], clean[key])
     unmasked = mdnrnn_loss(m, z2, a2, r2, d2, torch.ones(2, 5), torch.ones(2, 5))
     assert unmasked["loss"] > clean["loss"] + 100  # the test can fail: without the masks the padding counts
+
+
+def test_open_loop_terms_are_the_dreams_errors_on_the_real_actions():
+    """One open-loop run (T 5, horizon 4: it starts at step 2) equals M's dream by the one-step interface: filter
+    z_0, z_1, read z_2, then imagine with the same generator, scored on the real z, reward and done of steps 3
+    and 4 (step 5 is past the window); a padded step drops out."""
+    torch.manual_seed(0)
+    m = mdnrnn(4, 2, hidden=8, gaussians=3)
+    B, T, k = 3, 5, 4
+    assert open_loop_starts(T, k) == [2]
+    z, a = torch.randn(B, T + 1, 4), torch.randn(B, T, 2)
+    r, d = torch.randn(B, T), (torch.rand(B, T) > 0.5).float()
+    next_valid, step_valid = torch.ones(B, T), torch.ones(B, T)
+    next_valid[0, 4] = step_valid[0, 4] = 0.0  # row 0's episode ended at step 3
+    got = open_loop_terms(m, z, a, r, d, next_valid, step_valid, k, torch.Generator().manual_seed(5))
+
+    gen = torch.Generator().manual_seed(5)
+    s = m.initial_state(B)
+    for t in range(3):
+        s = m.transition(m.observe(s, z[:, t]), a[:, t])
+    s = m.imagine(s, 1.0, gen)
+    nll, r_err, d_err, n_z, n_r = 0.0, 0.0, 0.0, 0, 0
+    for t in (3, 4):
+        s = m.transition(s, a[:, t])
+        reward, done_logit = m.heads(s)
+        keep = step_valid[:, t].bool()
+        nll += mdn_nll(m._mixture(s[0]), z[:, t + 1])[next_valid[:, t].bool()].sum()
+        r_err += (reward - r[:, t]).pow(2)[keep].sum()
+        d_err += F.binary_cross_entropy_with_logits(done_logit, d[:, t], reduction="none")[keep].sum()
+        n_z, n_r = n_z + int(next_valid[:, t].sum()), n_r + int(keep.sum())
+        s = m.imagine(s, 1.0, gen)
+    torch.testing.assert_close(got["open_loop_nll"], nll / n_z / 4)
+    torch.testing.assert_close(got["open_loop_reward_mse"], r_err / n_r)
+    torch.testing.assert_close(got["open_loop_done_bce"], d_err / n_r)
+    teacher_forced = mdnrnn_loss(m, z, a, r, d, next_valid, step_valid)
+    assert abs(float((got["open_loop_reward_mse"] - teacher_forced["reward_mse"]).detach())) > 1e-3  # it can fail
+
+
+def test_open_loop_reward_error_reaches_the_mixture_through_the_sampled_z():
+    """The imagined z is reparameterised, so the reward error after it trains the mixture that drew it; with
+    horizon 0 the loss is the teacher-forced one and the keys are absent."""
+    torch.manual_seed(1)
+    m = mdnrnn(4, 2, hidden=8, gaussians=2)
+    z, a, r = torch.randn(2, 9, 4), torch.randn(2, 8, 2), torch.randn(2, 8)
+    ones = torch.ones(2, 8)
+    open_loop_terms(m, z, a, r, 0 * ones, ones, ones, 4)["open_loop_reward_mse"].backward()
+    assert m.mdn_head.weight.grad.abs().sum() > 0
+    plain = m.loss(z, a, r, 0 * ones, ones, ones)
+    assert set(plain) == {"loss", "nll", "reward_mse", "done_bce"}
+    both = m.loss(z, a, r, 0 * ones, ones, ones, open_loop_horizon=4, open_loop_weight=0.5)
+    extra = both["open_loop_nll"] + both["open_loop_reward_mse"] + both["open_loop_done_bce"]
+    torch.testing.assert_close(both["loss"], plain["loss"] + 0.5 * extra, rtol=0, atol=1e-5)
+    for horizon in (1, 8):
+        with pytest.raises(ValueError, match="open_loop_horizon"):
+            open_loop_terms(m, z, a, r, 0 * ones, ones, ones, horizon)
 
 
 def test_smoothed_rewards_conserve_the_return_and_spread_a_tile_as_a_gaussian():

@@ -143,6 +143,11 @@ class MemoryConfig(MDNRNNConfig):
                                     "into the reward head's target (DreamSmooth, Lee et al. 2024; the return is "
                                     "conserved); 0 = the raw rewards", minimum=0)
     done_weight: float = param(1.0, "weight of the done BCE in the loss", minimum=0)
+    open_loop_horizon: int = param(0, "mdnrnn: k in 2 .. seq_len - 1 adds M's losses on its own dream to the loss: "
+                                   "from states every k/2 steps of a window (the first after k/2), M reads its own sampled z (tau 1) with the real "
+                                   "actions for k steps and is scored on the real z, reward and done "
+                                   "(models.mdnrnn.open_loop_terms; PlaNet's overshooting); 0: off", minimum=0)
+    open_loop_weight: float = param(1.0, "weight of the open-loop losses (open_loop_horizon)", minimum=0)
     holdout_fraction: float = param(0.1, "fraction of episodes held out", minimum=0, below=1)
     init_from: str = param("", "an M checkpoint (best.pt) of the same kind and sizes whose weights start training "
                            "instead of a random init (fine-tuning, e.g. iterative training); latest.pt resumes first")

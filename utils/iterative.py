@@ -47,6 +47,7 @@ from utils.config import Config, config_to_dict, dump_config, load_config
 from utils.errors import UserError
 from utils.evaluation import memory_fit
 from utils.io import list_episodes, load_episode, save_csv, save_json, save_text
+from utils.training import check_memory_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (("rollouts", "01_generate_rollouts"), ("vision", "02_train_nvae"), ("latents", "03_encode_latents"),
@@ -122,7 +123,8 @@ def check_iterative_config(cfg: Config) -> None:
     Raises:
         UserError: controller.env real with the linear C; a refitted V with a fine-tuned M; a real-env bootstrap
             (CMA-ES) or a C started from the previous round's for the actor-critic; ensemble_fitness min without
-            an ensemble M whose size divides rollouts_per_candidate; a disagreement penalty without an ensemble.
+            an ensemble M whose size divides rollouts_per_candidate; a disagreement penalty without an ensemble;
+            stage 04's options (utils.training.check_memory_options).
     """
     if cfg.controller.kind == "linear" and cfg.controller.env != "dream":
         raise UserError("controller.env: iterative training trains C inside M only; set controller.env=dream "
@@ -141,6 +143,7 @@ def check_iterative_config(cfg: Config) -> None:
     if cc.kind == "linear" and cc.disagreement_penalty > 0 and k < 2:
         raise UserError(f"controller.disagreement_penalty: {cc.disagreement_penalty} compares the members of an "
                         f"ensemble M, so it needs memory.ensemble >= 2; got {k}")
+    check_memory_options(cfg)
     if cfg.iterative.refit_vision and cfg.iterative.memory_init == "previous":
         raise UserError("iterative.memory_init: previous fine-tunes M on the z of the same V; with "
                         "iterative.refit_vision true every round has a new V, so set iterative.memory_init=scratch")

@@ -274,8 +274,30 @@ def _latent_batch_loss(model, data: LatentWindows, pairs, cfg: Config, gen: torc
     device = next(model.parameters()).device
     z, b = z.to(device), {k: v.to(device) for k, v in b.items()}
     mc = cfg.memory
+    open_loop = {"open_loop_horizon": mc.open_loop_horizon, "open_loop_weight": mc.open_loop_weight} \
+        if mc.open_loop_horizon else {}
     return model.loss(z, b["actions"], b["rewards"], b["done"], b["next_valid"], b["step_valid"], mc.reward_weight,
-                      mc.done_weight)
+                      mc.done_weight, **open_loop)
+
+
+def check_memory_options(cfg: Config) -> None:
+    """Stage 04's keys that no single field check can judge, checked before anything is written.
+
+    Raises:
+        UserError: a TSSM context longer than memory.seq_len; memory.open_loop_horizon for another kind than
+            the MDN-RNN, or outside 2 .. memory.seq_len - 1.
+    """
+    mc = cfg.memory
+    if mc.kind == "tssm" and mc.tssm.context > mc.seq_len:
+        raise UserError(f"memory.tssm.context ({mc.tssm.context}) exceeds memory.seq_len ({mc.seq_len}): in play the "
+                        "TSSM would attend over spans no training window showed it; lower the context or lengthen "
+                        "the windows")
+    if mc.open_loop_horizon and mc.kind != "mdnrnn":
+        raise UserError(f"memory.open_loop_horizon: the open-loop loss is the MDN-RNN's (memory.kind is {mc.kind}; "
+                        "the RSSM's KL already trains its prior on its own states); set it to 0")
+    if mc.open_loop_horizon and not 2 <= mc.open_loop_horizon < mc.seq_len:
+        raise UserError(f"memory.open_loop_horizon: expected 0 (off) or 2 .. memory.seq_len - 1 "
+                        f"({mc.seq_len - 1}) steps, got {mc.open_loop_horizon}")
 
 
 @torch.no_grad()
