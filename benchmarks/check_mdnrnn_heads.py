@@ -9,7 +9,9 @@ held-out steps: the Pearson correlation and MSE of predicted against real reward
 the precision and recall of done (sigmoid(done logit) > 0.5, as in the dream)
 against the real `terminated` flag, with the counts they come from. Under
 memory.reward_smoothing > 0 it also prints the reward's correlation with the
-smoothed rewards, the head's training target.
+smoothed rewards, the head's training target. With --open-loop K (an MDN-RNN) it
+also prints M's held-out losses on its own dream over K steps (models.mdnrnn.open_loop_terms,
+windows of memory.seq_len steps) beside the teacher-forced ones on the same windows.
 """
 
 from __future__ import annotations
@@ -24,16 +26,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.mdnrnn import smoothed_rewards  # noqa: E402
 from utils.checkpoints import load_model  # noqa: E402
 from utils.cli import load_stage_config, run_stage, stage_dir, stage_parser  # noqa: E402
-from utils.data import LATENT_KEYS, split_episodes  # noqa: E402
+from utils.data import LATENT_KEYS, LatentWindows, split_episodes  # noqa: E402
 from utils.evaluation import head_metrics, head_predictions  # noqa: E402
 from utils.io import list_episodes, load_episode  # noqa: E402
+from utils.training import check_memory_options, memory_terms  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--mdnrnn", help="M's checkpoint, any memory kind (default: <run_dir>/mdnrnn/best.pt)")
+    parser.add_argument("--open-loop", type=int, default=0, metavar="K",
+                        help="also M's held-out losses on its own dream over K steps (2 <= K < memory.seq_len)")
     args = parser.parse_args(argv)
     cfg = load_stage_config(args)
+    if args.open_loop:
+        cfg.memory.open_loop_horizon = args.open_loop
+        check_memory_options(cfg)
     mdnrnn, _ = load_model(args.mdnrnn or os.path.join(stage_dir(cfg, "mdnrnn"), "best.pt"), "memory")
     _, held = split_episodes(list_episodes(stage_dir(cfg, "latents"), "latents"), cfg.memory.holdout_fraction, cfg.seed)
     columns = {"pred_reward": [], "real_reward": [], "done_prob": [], "real_done": []}
@@ -54,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
               f"Pearson r {r:.3f}")
     print(f"done:   precision {fmt(m['done_precision'])} ({m['done_predicted']} predicted), "
           f"recall {fmt(m['done_recall'])} ({m['done_real']} real terminal steps)")
+    if args.open_loop:
+        t = memory_terms(mdnrnn, LatentWindows(held, cfg.memory.seq_len, cfg.memory.reward_smoothing), cfg)
+        print(f"windows of {cfg.memory.seq_len} steps, z drawn from the posteriors: teacher-forced nll {t['nll']:.4f} "
+              f"nats/dim, reward mse {t['reward_mse']:.4f}; open loop over {args.open_loop} steps (M reads its own "
+              f"z): nll {t['open_loop_nll']:.4f}, reward mse {t['open_loop_reward_mse']:.4f}")
 
 
 if __name__ == "__main__":

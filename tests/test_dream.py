@@ -172,6 +172,7 @@ def test_05_trains_in_the_dream_end_to_end(tiny_run, tmp_path):
 
 def test_head_metrics_and_the_heads_script(tiny_run):
     import os
+    import json
     import subprocess
     import sys
 
@@ -189,6 +190,14 @@ def test_head_metrics_and_the_heads_script(tiny_run):
     )
     assert proc.returncode == 0, proc.stderr
     assert "held-out episodes (40 steps)" in proc.stdout and "reward: Pearson r" in proc.stdout
+    script = [sys.executable, os.path.join(ROOT, "benchmarks", "check_mdnrnn_heads.py"), "--config", tiny_run["config"]]
+    proc = subprocess.run(script + ["--open-loop", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(tiny_run["run_dir"], "mdnrnn", "manifest.json")) as f:
+        val_nll = json.load(f)["metrics"]["val_nll"]  # stage 04's held-out NLL of best.pt: the same windows and draws
+    assert f"teacher-forced nll {val_nll:.4f} nats/dim" in proc.stdout and "open loop over 4 steps" in proc.stdout
+    proc = subprocess.run(script + ["--open-loop", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "memory.open_loop_horizon" in proc.stderr and "got 8" in proc.stderr
 
 
 def test_memory_fit_repeats_stage_04s_held_out_nll(tiny_run):
