@@ -252,9 +252,10 @@ class IterativeConfig:
                                  choices=("scratch", "previous"))
     eval_episodes: int = param(20, "held-out real episodes of each round's stage 06 (the last round plays "
                                "evaluate.episodes)", minimum=1)
-    bootstrap_generations: int = param(0, "round 0's C: 0 trains it in the dream like every round; N > 0 trains it N "
-                                       "CMA-ES generations in the real env (its episodes counted as real-env "
-                                       "steps), so round 1 records a C that already drives somewhat", minimum=0)
+    bootstrap_generations: int = param(0, "round 0's C: 0 trains it in the dream like every round; N > 0 trains the "
+                                       "linear C (whatever controller.kind) N CMA-ES generations in the real env "
+                                       "(its episodes counted as real-env steps), so round 1 records a C that "
+                                       "already drives somewhat", minimum=0)
     bootstrap_popsize: int = param(16, "bootstrap_generations > 0: CMA-ES population of round 0's real-env C",
                                    minimum=2)
     bootstrap_max_steps: int = param(600, "bootstrap_generations > 0: step limit of each real training episode",

@@ -8,7 +8,8 @@ Round k runs the six stages in <run_dir>/round_KK/, each as its own process, exa
 
 - round 0 records `rollouts.episodes` episodes with `rollouts.policy` (the random policy), trains V and M,
   trains C in M (controller.env: dream, or controller.kind: actor_critic; with iterative.bootstrap_generations
-  > 0, CMA-ES in the real env for that many generations instead) and plays it on held-out tracks;
+  > 0, the linear C by CMA-ES in the real env for that many generations instead, whatever C kind the later
+  rounds train) and plays it on held-out tracks;
 - round k >= 1 starts from hard links of round k-1's episodes (and, unless iterative.refit_vision, of its V
   and latents), records `iterative.episodes` new episodes with round k-1's agent plus N(0,
   rollouts.action_noise^2) action noise, encodes them, fine-tunes round k-1's M on all episodes so far
@@ -75,7 +76,8 @@ def round_overrides(cfg: Config, k: int) -> list[str]:
         sets.append(f"evaluate.episodes={it.eval_episodes}")
     if k == 0:
         if it.bootstrap_generations:
-            sets += ["controller.env=real", f"controller.generations={it.bootstrap_generations}",
+            sets += ["controller.kind=linear", "controller.env=real",  # CMA-ES, whatever C the later rounds train
+                     f"controller.generations={it.bootstrap_generations}",
                      f"controller.popsize={it.bootstrap_popsize}", "controller.rollouts_per_candidate=1",
                      f"controller.max_steps={it.bootstrap_max_steps}",
                      f"controller.early_stop_steps={it.bootstrap_early_stop_steps}"]
@@ -121,10 +123,10 @@ def check_iterative_config(cfg: Config) -> None:
     """The procedure trains C in M only.
 
     Raises:
-        UserError: controller.env real with the linear C; a refitted V with a fine-tuned M; a real-env bootstrap
-            (CMA-ES) or a C started from the previous round's for the actor-critic; ensemble_fitness min without
-            an ensemble M whose size divides rollouts_per_candidate; a disagreement penalty without an ensemble;
-            stage 04's options (utils.training.check_memory_options).
+        UserError: controller.env real with the linear C; a refitted V with a fine-tuned M; a C started from the
+            previous round's for the actor-critic; ensemble_fitness min without an ensemble M whose size divides
+            rollouts_per_candidate; a disagreement penalty without an ensemble; stage 04's options
+            (utils.training.check_memory_options).
     """
     if cfg.controller.kind == "linear" and cfg.controller.env != "dream":
         raise UserError("controller.env: iterative training trains C inside M only; set controller.env=dream "
@@ -132,9 +134,6 @@ def check_iterative_config(cfg: Config) -> None:
     if cfg.iterative.controller_init == "previous" and cfg.controller.kind != "linear":
         raise UserError(f"iterative.controller_init: previous starts CMA-ES at the previous round's linear C; "
                         f"controller.kind is {cfg.controller.kind}, so set iterative.controller_init=scratch")
-    if cfg.iterative.bootstrap_generations and cfg.controller.kind != "linear":
-        raise UserError(f"iterative.bootstrap_generations: the real-env bootstrap trains the linear C with CMA-ES; "
-                        f"controller.kind is {cfg.controller.kind}, so set iterative.bootstrap_generations=0")
     cc, k = cfg.controller, cfg.memory.ensemble
     if cc.kind == "linear" and cc.ensemble_fitness == "min" and (k < 2 or cc.rollouts_per_candidate % k):
         raise UserError(f"controller.ensemble_fitness: min takes the worst of an ensemble M's members, so it needs "
