@@ -171,8 +171,8 @@ def test_05_trains_in_the_dream_end_to_end(tiny_run, tmp_path):
 
 
 def test_head_metrics_and_the_heads_script(tiny_run):
-    import os
     import json
+    import os
     import subprocess
     import sys
 
