@@ -30,7 +30,9 @@ def test_two_rounds_killed_in_round_1_resume_and_report(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     bootstrap = {"bootstrap_generations": 1, "bootstrap_popsize": 4, "bootstrap_max_steps": 30,
                  "bootstrap_early_stop_steps": 0}  # round 0's C: one CMA-ES generation in the real env
-    config = write_config(tmp_path, run_dir, controller=DREAM_C, iterative={**ITERATIVE, **bootstrap},
+    final = {"final_round_sets": ["controller.kind=actor_critic"]}  # the last round's C: an actor-critic in M
+    controller = {**DREAM_C, "updates": 2, "batch_windows": 2, "actor_critic": {"units": 16, "horizon": 3}}
+    config = write_config(tmp_path, run_dir, controller=controller, iterative={**ITERATIVE, **bootstrap, **final},
                           evaluate={"episodes": 3, "max_steps": 30, "workers": 2, "fid_frames": 0, "params": "mean"})
     # Round 0's stages 01-04 are those of tiny_run (the same config but C's section, which they do not read):
     # finished stage folders, which the command skips as it would its own. Its 05 and 06 run here.
@@ -80,13 +82,15 @@ def test_two_rounds_killed_in_round_1_resume_and_report(tiny_run, tmp_path):
     controller = [json.load(open(run_dir / f"round_{k:02d}" / "controller" / "manifest.json"))["metrics"] for k in (0, 1)]
     assert controller[0]["env"] == "real" and controller[0]["generations"] == 1  # the bootstrap C
     assert int(rows[0]["c_real_steps"]) == controller[0]["env_steps"] > 0 and int(rows[0]["dream_steps"]) == 0
-    assert controller[1]["env"] == "dream" and int(rows[1]["c_real_steps"]) == 0 and int(rows[1]["dream_steps"]) > 0
+    assert controller[1]["kind"] == "actor_critic" and controller[1]["updates"] == 2  # iterative.final_round_sets
+    assert int(rows[1]["c_real_steps"]) == 0 and int(rows[1]["dream_steps"]) > 0
+    assert [r["controller"] for r in rows] == ["CMA-ES in the real env", "actor-critic in M"]
     assert rows[0]["prev_m_new_nll"] == "" and np.isfinite(float(rows[1]["prev_m_new_nll"]))  # round 0's M, new data
     assert [int(r["real_episodes"]) for r in rows] == [2, 3]  # iterative.eval_episodes, then evaluate.episodes
     assert int(rows[1]["real_steps_total"]) == sum(int(r["data_steps"]) + int(r["c_real_steps"]) + int(r["eval_steps"])
                                                    for r in rows)
     table = open(run_dir / "rounds.md").read()
-    assert table.count("\n| 0 |") == 1 and table.count("\n| 1 |") == 1
+    assert table.count("\n| 0 | CMA-ES in the real env |") == 1 and table.count("\n| 1 | actor-critic in M |") == 1
     assert os.path.getsize(run_dir / "rounds.png") > 0
 
     # 06 --compare lists each round as a dream-trained run (the thesis's Table 2) and the rounds table
@@ -100,7 +104,7 @@ def test_two_rounds_killed_in_round_1_resume_and_report(tiny_run, tmp_path):
         scores = json.load(open(run_dir / f"round_{k:02d}" / "eval" / "scores.json"))
         row = next(line for line in rows_of_table.splitlines() if f"round_{k:02d}`" in line)
         assert f"{scores['mean']:.1f} +- {scores['std']:.1f}" in row
-    assert "## Iterative training" in text and text.count("\n| 1 | 5 (2) |") == 1
+    assert "## Iterative training" in text and text.count("\n| 1 | actor-critic in M | 5 (2) |") == 1
 
     again = iterate(config)  # all done: nothing runs, the table is rewritten alike
     out, err = again.communicate(timeout=300)
@@ -148,6 +152,36 @@ def test_a_real_env_bootstrap_trains_the_linear_c_before_actor_critic_rounds(tmp
     round1 = load_config(config, round_overrides(cfg, 1))
     assert (round1.controller.kind, round1.rollouts.policy) == ("actor_critic", "controller")
     assert round1.rollouts.controller.endswith(os.path.join("round_00", "controller", "controller.pt"))
+
+
+def test_final_round_sets_change_the_last_rounds_c_only(tmp_path):
+    from utils.config import load_config
+    from utils.errors import UserError
+    from utils.iterative import check_iterative_config, round_overrides
+
+    sets = ["controller.kind=actor_critic", "controller.updates=7"]
+    config = write_config(tmp_path, tmp_path / "run", controller=DREAM_C,
+                          iterative={**ITERATIVE, "rounds": 3, "controller_init": "previous", "final_round_sets": sets})
+    cfg = load_config(config, [])
+    check_iterative_config(cfg)
+    rounds = [load_config(config, round_overrides(cfg, k)) for k in range(3)]  # what each round's stages resolve
+    assert [(r.controller.kind, r.controller.updates) for r in rounds] == [("linear", 2000), ("linear", 2000),
+                                                                           ("actor_critic", 7)]
+    assert rounds[1].controller.init_from.endswith(os.path.join("round_00", "controller", "controller.pt"))
+    assert rounds[2].controller.init_from == ""  # CMA-ES's previous C cannot start an actor-critic
+    assert rounds[2].rollouts.controller.endswith(os.path.join("round_01", "controller", "controller.pt"))
+    for bad, match in (("controller.kind", "expected section.key=value"),
+                       ("controller.nope=1", "iterative.final_round_sets.*unknown key 'controller.nope'"),
+                       ("controller.updates=0", "iterative.final_round_sets.*controller.updates"),
+                       ("seed=3", "iterative.final_round_sets: 'seed' is set by the driver"),
+                       ("iterative.rounds=9", "'iterative.rounds' is set by the driver"),
+                       ("controller.env=real", "controller.env: iterative training trains C inside M only")):
+        with pytest.raises(UserError, match=match):  # each refused before any round runs
+            check_iterative_config(load_config(config, [f"iterative.final_round_sets=[{bad}]"]))
+    with pytest.raises(UserError, match="only round's C is the real-env bootstrap"):
+        check_iterative_config(load_config(config, ["iterative.rounds=1", "iterative.bootstrap_generations=2"]))
+    with pytest.raises(UserError, match="iterative.final_round_sets.*expected a list of strings"):
+        load_config(config, ["iterative.final_round_sets=controller.kind=actor_critic"])
 
 
 def test_iterative_config_errors(tmp_path):

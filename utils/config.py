@@ -263,6 +263,11 @@ class IterativeConfig:
     bootstrap_early_stop_steps: int = param(60, "bootstrap_generations > 0: end a real training episode after this "
                                             "many steps without reward (CarRacing: no new tile); 0 = never",
                                             minimum=0)
+    final_round_sets: tuple[str, ...] = param((), "--set overrides (section.key=value) of the last round's stages "
+                                              "on top of every round's, e.g. [controller.kind=actor_critic, "
+                                              "controller.updates=300]: CMA-ES in M's dream makes the data of the "
+                                              "earlier rounds, and another C learns in the final M; not run_dir, "
+                                              "seed or iterative.*")
 
 
 BACKENDS = ("local", "ray")
@@ -332,6 +337,10 @@ def _coerce(value: Any, typ: Any, dotted: str) -> Any:
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ValueError(f"key '{dotted}': expected {typ.__name__}, got {value!r}")
         return value
+    if typ == tuple[str, ...]:  # a YAML list of strings (a tuple keeps the config's defaults immutable)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"key '{dotted}': expected a list of strings, got {value!r}")
+        return tuple(value)
     raise TypeError(f"unsupported annotation {typ} at {dotted}")  # a bug in the schema
 
 

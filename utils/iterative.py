@@ -13,7 +13,9 @@ Round k runs the six stages in <run_dir>/round_KK/, each as its own process, exa
 - round k >= 1 starts from hard links of round k-1's episodes (and, unless iterative.refit_vision, of its V
   and latents), records `iterative.episodes` new episodes with round k-1's agent plus N(0,
   rollouts.action_noise^2) action noise, encodes them, fine-tunes round k-1's M on all episodes so far
-  (iterative.memory_init: previous; or trains M anew), trains a new C in the new M only, and evaluates it.
+  (iterative.memory_init: previous; or trains M anew), trains a new C in the new M only, and evaluates it;
+- the last round's stages also take iterative.final_round_sets, e.g. an actor-critic in the final M
+  (controller.kind=actor_critic) after CMA-ES rounds whose Cs recorded the data.
 
 Only stages 01 and 06 (and the held-out re-evaluations of 05, for logging) play the real env. A stage is
 done when its folder holds manifest.json; killed anywhere, the same command skips what is done and each
@@ -44,7 +46,7 @@ import yaml
 
 from utils.checkpoints import load_model
 from utils.cli import run_stage, stage_parser
-from utils.config import Config, config_to_dict, dump_config, load_config
+from utils.config import Config, config_from_dict, config_to_dict, dump_config, load_config, parse_overrides
 from utils.errors import UserError
 from utils.evaluation import memory_fit
 from utils.io import list_episodes, load_episode, save_csv, save_json, save_text
@@ -53,7 +55,7 @@ from utils.training import check_memory_options
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (("rollouts", "01_generate_rollouts"), ("vision", "02_train_nvae"), ("latents", "03_encode_latents"),
          ("mdnrnn", "04_train_mdnrnn"), ("controller", "05_train_controller"), ("eval", "06_evaluate"))
-ROUND_FIELDS = ["round", "episodes", "new_episodes", "data_steps", "c_real_steps", "eval_steps", "real_steps_total",
+ROUND_FIELDS = ["round", "controller", "episodes", "new_episodes", "data_steps", "c_real_steps", "eval_steps", "real_steps_total",
                 "dream_steps", "m_heldout_nll", "prev_m_new_nll", "prev_m_new_reward_corr", "real_mean", "real_std", "real_episodes",
                 "dream_mean", "dream_std", "wall_s", "cpu_s"]
 
@@ -69,8 +71,11 @@ def episodes_after(cfg: Config, k: int) -> int:
 
 
 def round_overrides(cfg: Config, k: int) -> list[str]:
-    """The --set overrides of round k's stages (on top of the run's resolved config)."""
+    """The --set overrides of round k's stages (on top of the run's resolved config); the last round's end with
+    iterative.final_round_sets (with controller_init previous, a last-round C of another kind starts from
+    scratch)."""
     it, here = cfg.iterative, round_dir(cfg, k)
+    final = list(it.final_round_sets) if k == it.rounds - 1 else []
     sets = [f"run_dir={here}"]
     if k < it.rounds - 1:
         sets.append(f"evaluate.episodes={it.eval_episodes}")
@@ -81,15 +86,15 @@ def round_overrides(cfg: Config, k: int) -> list[str]:
                      f"controller.popsize={it.bootstrap_popsize}", "controller.rollouts_per_candidate=1",
                      f"controller.max_steps={it.bootstrap_max_steps}",
                      f"controller.early_stop_steps={it.bootstrap_early_stop_steps}"]
-        return sets
+        return sets + final
     prev = round_dir(cfg, k - 1)
     sets += [f"rollouts.episodes={episodes_after(cfg, k)}", "rollouts.policy=controller",
              f"rollouts.controller={os.path.join(prev, 'controller', 'controller.pt')}"]
     if it.memory_init == "previous":
         sets += [f"memory.init_from={os.path.join(prev, 'mdnrnn', 'best.pt')}", f"memory.epochs={it.memory_epochs}"]
-    if it.controller_init == "previous":
+    if it.controller_init == "previous" and (not final or final_round_config(cfg).controller.kind == "linear"):
         sets.append(f"controller.init_from={os.path.join(prev, 'controller', 'controller.pt')}")
-    return sets
+    return sets + final
 
 
 def link_files(src: str, dst: str, pattern: str) -> int:
@@ -126,14 +131,44 @@ def check_iterative_config(cfg: Config) -> None:
         UserError: controller.env real with the linear C; a refitted V with a fine-tuned M; a C started from the
             previous round's for the actor-critic; ensemble_fitness min without an ensemble M whose size divides
             rollouts_per_candidate; a disagreement penalty without an ensemble; stage 04's options
-            (utils.training.check_memory_options).
+            (utils.training.check_memory_options); iterative.final_round_sets that do not parse, name a key the
+            driver sets (run_dir, seed, iterative.*), give a config that any of the above refuses, or would
+            replace the real-env bootstrap C of a single round.
     """
-    if cfg.controller.kind == "linear" and cfg.controller.env != "dream":
-        raise UserError("controller.env: iterative training trains C inside M only; set controller.env=dream "
-                        "(or controller.kind=actor_critic)")
     if cfg.iterative.controller_init == "previous" and cfg.controller.kind != "linear":
         raise UserError(f"iterative.controller_init: previous starts CMA-ES at the previous round's linear C; "
                         f"controller.kind is {cfg.controller.kind}, so set iterative.controller_init=scratch")
+    if cfg.iterative.refit_vision and cfg.iterative.memory_init == "previous":
+        raise UserError("iterative.memory_init: previous fine-tunes M on the z of the same V; with "
+                        "iterative.refit_vision true every round has a new V, so set iterative.memory_init=scratch")
+    check_round_config(cfg)
+    if cfg.iterative.final_round_sets:
+        check_round_config(final_round_config(cfg))
+
+
+def final_round_config(cfg: Config) -> Config:
+    """The run's config with iterative.final_round_sets applied (what the last round's C and 06 read).
+
+    Raises:
+        UserError: an override that does not parse or names a key the driver sets, an unknown key or a bad value,
+            or a single round whose C is the real-env bootstrap.
+    """
+    it = cfg.iterative
+    source = "iterative.final_round_sets"
+    for key, _ in parse_overrides(list(it.final_round_sets)):
+        if key in ("run_dir", "seed") or key.split(".")[0] == "iterative":
+            raise UserError(f"{source}: {key!r} is set by the driver for every round; set it in the config instead")
+    if it.rounds == 1 and it.bootstrap_generations:
+        raise UserError(f"{source}: the only round's C is the real-env bootstrap (iterative.bootstrap_generations "
+                        f"{it.bootstrap_generations}); set iterative.rounds >= 2")
+    return config_from_dict(config_to_dict(cfg), source, list(it.final_round_sets))
+
+
+def check_round_config(cfg: Config) -> None:
+    """The C a round trains in M only: what check_iterative_config refuses of one round's config."""
+    if cfg.controller.kind == "linear" and cfg.controller.env != "dream":
+        raise UserError("controller.env: iterative training trains C inside M only; set controller.env=dream "
+                        "(or controller.kind=actor_critic)")
     cc, k = cfg.controller, cfg.memory.ensemble
     if cc.kind == "linear" and cc.ensemble_fitness == "min" and (k < 2 or cc.rollouts_per_candidate % k):
         raise UserError(f"controller.ensemble_fitness: min takes the worst of an ensemble M's members, so it needs "
@@ -143,9 +178,6 @@ def check_iterative_config(cfg: Config) -> None:
         raise UserError(f"controller.disagreement_penalty: {cc.disagreement_penalty} compares the members of an "
                         f"ensemble M, so it needs memory.ensemble >= 2; got {k}")
     check_memory_options(cfg)
-    if cfg.iterative.refit_vision and cfg.iterative.memory_init == "previous":
-        raise UserError("iterative.memory_init: previous fine-tunes M on the z of the same V; with "
-                        "iterative.refit_vision true every round has a new V, so set iterative.memory_init=scratch")
 
 
 def pin_config(cfg: Config) -> str:
@@ -159,7 +191,8 @@ def pin_config(cfg: Config) -> str:
     if os.path.exists(path):
         with open(path) as f:
             saved = yaml.safe_load(f)
-        diff = sorted(set(_differing_keys(saved, config_to_dict(cfg))) - {"iterative.rounds"})
+        now = yaml.safe_load(dump_config(cfg))  # as written (YAML lists where the config holds tuples)
+        diff = sorted(set(_differing_keys(saved, now)) - {"iterative.rounds"})
         if diff:
             raise UserError(f"{path}: this run was started with another config (differs in {', '.join(diff[:6])}); "
                             "use the same config to resume, or another run_dir")
@@ -230,7 +263,7 @@ def round_row(cfg: Config, k: int, real_steps_before: int) -> dict:
         # (episodes it never saw); with a refitted V the new latents are another V's z, so there is no such number
         prev_memory, _ = load_model(os.path.join(round_dir(cfg, k - 1), "mdnrnn", "best.pt"), "memory")
         fit = memory_fit(prev_memory, [os.path.join(here, "latents", os.path.basename(p)) for p in new], cfg)
-    return {"round": k, "episodes": episodes_after(cfg, k), "new_episodes": len(new), "data_steps": data_steps,
+    return {"round": k, "controller": controller_label(controller), "episodes": episodes_after(cfg, k), "new_episodes": len(new), "data_steps": data_steps,
             "c_real_steps": c_real_steps, "eval_steps": eval_steps,
             "real_steps_total": real_steps_before + data_steps + c_real_steps + eval_steps,
             "dream_steps": int(controller.get("dream_steps") or 0),
@@ -242,26 +275,35 @@ def round_row(cfg: Config, k: int, real_steps_before: int) -> dict:
             "cpu_s": round(sum(m.get("cpu_s") or 0.0 for m in own.values()), 1)}
 
 
+def controller_label(metrics: dict) -> str:
+    """How a round's C was trained, from its 05 manifest's metrics: 'CMA-ES in M', 'CMA-ES in the real env' or
+    'actor-critic in M'."""
+    if metrics.get("kind") == "actor_critic":
+        return "actor-critic in M"
+    return "CMA-ES in the real env" if metrics.get("env") == "real" else "CMA-ES in M"
+
+
 def write_rounds(cfg: Config, rows: list[dict], baseline: str | None = None) -> None:
     """rounds.csv, rounds.md and rounds.png under run_dir."""
     save_csv(os.path.join(cfg.run_dir, "rounds.csv"), rows, ROUND_FIELDS)
-    lines = [f"# Iterative training: {cfg.env.id}, V {cfg.vision.kind}, M {cfg.memory.kind}, C {cfg.controller.kind}",
+    lines = [f"# Iterative training: {cfg.env.id}, V {cfg.vision.kind}, M {cfg.memory.kind}",
              "", "Real-env steps: data = the episodes recorded for V and M; C = the training episodes of a C trained "
              "in the real env (round 0 with iterative.bootstrap_generations > 0; else 0); evaluation = 05's held-out "
              "re-evaluations (logging only) + 06's held-out episodes. Time: the stages run in this round.", "",
              "M's NLL is of z_{t+1} in nats per latent dim: this round's M on its held-out episodes (stage 04's "
              "split of all episodes so far), and the previous round's M, whose dream trained the C that recorded "
              "this round's episodes, on those new episodes.", "",
-             "| round | episodes (new) | real steps: data | real steps: C | real steps: evaluation | real steps so far | "
+             "| round | C | episodes (new) | real steps: data | real steps: C | real steps: evaluation | real steps so far | "
              "dream steps | M held-out NLL | previous M on the new episodes: NLL, reward r | real score | "
              "dream score | wall (min) | CPU (min) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         dream = "-" if r["dream_mean"] is None else f"{r['dream_mean']:.1f} +- {r['dream_std']:.1f}"
         nll = "-" if r["m_heldout_nll"] is None else f"{r['m_heldout_nll']:.3f}"
         prev = "-" if r["prev_m_new_nll"] is None else f"{r['prev_m_new_nll']:.3f}, " + (
             "-" if r["prev_m_new_reward_corr"] is None else f"{r['prev_m_new_reward_corr']:.3f}")
-        lines.append(f"| {r['round']} | {r['episodes']} ({r['new_episodes']}) | {r['data_steps']:,} | "
+        lines.append(f"| {r['round']} | {r.get('controller') or '-'} | {r['episodes']} ({r['new_episodes']}) | "
+                     f"{r['data_steps']:,} | "
                      f"{r.get('c_real_steps', 0):,} | "
                      f"{r['eval_steps']:,} | {r['real_steps_total']:,} | {r['dream_steps']:,} | {nll} | {prev} | "
                      f"{r['real_mean']:.1f} +- {r['real_std']:.1f} ({r['real_episodes']}) | {dream} | "
@@ -346,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         cached = os.path.join(here, "round.json")  # a finished round's row: computed once
         if os.path.exists(cached):
             with open(cached) as f:
-                row = {"c_real_steps": 0, **json.load(f)}  # rows written before the column: no real-env C
+                row = {"c_real_steps": 0, "controller": None, **json.load(f)}  # rows from before those columns
         else:
             row = round_row(cfg, k, real_steps)
             save_json(cached, row)
