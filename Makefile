@@ -45,7 +45,7 @@ demo: $(STAMP)
 	done
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 # make iterate CONFIG=configs/carracing_iterative_vae.yaml [SET="iterative.rounds=4"]: iterative training,
 # round after round (utils/iterative.py); rerun the same command to resume

@@ -473,6 +473,8 @@ def config_help(cls: type = Config, prefix: str = "") -> str:
             allowed = ", ".join(b for b in bounds if b)
         typ = hints[f.name]
         type_name = getattr(typ, "__name__", None) or str(typ).replace("NoneType", "None")
+        if typ == tuple[str, ...]:  # written and read as a YAML list
+            type_name, default = "list[str]", list(default)
         lines.append(f"  {name}: {type_name} = {default!r}" + (f"  [{allowed}]" if allowed else ""))
         lines.append(f"      {meta.get('help', '')}")
     return "\n".join(lines).lstrip("\n")
