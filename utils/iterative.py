@@ -55,7 +55,8 @@ from utils.training import check_memory_options
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (("rollouts", "01_generate_rollouts"), ("vision", "02_train_nvae"), ("latents", "03_encode_latents"),
          ("mdnrnn", "04_train_mdnrnn"), ("controller", "05_train_controller"), ("eval", "06_evaluate"))
-ROUND_FIELDS = ["round", "controller", "episodes", "new_episodes", "data_steps", "c_real_steps", "eval_steps", "real_steps_total",
+ROUND_FIELDS = ["round", "controller", "episodes", "new_episodes", "data_steps", "c_real_steps", "eval_steps",
+                "real_steps_total",
                 "dream_steps", "m_heldout_nll", "prev_m_new_nll", "prev_m_new_reward_corr", "real_mean", "real_std", "real_episodes",
                 "dream_mean", "dream_std", "wall_s", "cpu_s"]
 
@@ -263,7 +264,8 @@ def round_row(cfg: Config, k: int, real_steps_before: int) -> dict:
         # (episodes it never saw); with a refitted V the new latents are another V's z, so there is no such number
         prev_memory, _ = load_model(os.path.join(round_dir(cfg, k - 1), "mdnrnn", "best.pt"), "memory")
         fit = memory_fit(prev_memory, [os.path.join(here, "latents", os.path.basename(p)) for p in new], cfg)
-    return {"round": k, "controller": controller_label(controller), "episodes": episodes_after(cfg, k), "new_episodes": len(new), "data_steps": data_steps,
+    return {"round": k, "controller": controller_label(controller), "episodes": episodes_after(cfg, k),
+            "new_episodes": len(new), "data_steps": data_steps,
             "c_real_steps": c_real_steps, "eval_steps": eval_steps,
             "real_steps_total": real_steps_before + data_steps + c_real_steps + eval_steps,
             "dream_steps": int(controller.get("dream_steps") or 0),
@@ -293,7 +295,8 @@ def write_rounds(cfg: Config, rows: list[dict], baseline: str | None = None) -> 
              "M's NLL is of z_{t+1} in nats per latent dim: this round's M on its held-out episodes (stage 04's "
              "split of all episodes so far), and the previous round's M, whose dream trained the C that recorded "
              "this round's episodes, on those new episodes.", "",
-             "| round | C | episodes (new) | real steps: data | real steps: C | real steps: evaluation | real steps so far | "
+             "| round | C | episodes (new) | real steps: data | real steps: C | real steps: evaluation | "
+             "real steps so far | "
              "dream steps | M held-out NLL | previous M on the new episodes: NLL, reward r | real score | "
              "dream score | wall (min) | CPU (min) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
