@@ -166,7 +166,12 @@ def final_round_config(cfg: Config) -> Config:
 
 
 def check_round_config(cfg: Config) -> None:
-    """The C a round trains in M only: what check_iterative_config refuses of one round's config."""
+    """The C a round trains in M only: what check_iterative_config refuses of one round's config.
+
+    Raises:
+        UserError: the linear C with controller.env real; ensemble_fitness min or a disagreement penalty without
+            a fitting ensemble M; stage 04's options (utils.training.check_memory_options).
+    """
     if cfg.controller.kind == "linear" and cfg.controller.env != "dream":
         raise UserError("controller.env: iterative training trains C inside M only; set controller.env=dream "
                         "(or controller.kind=actor_critic)")
