@@ -177,6 +177,30 @@ def initial_controller(cfg, controller: LinearController) -> tuple[str, np.ndarr
     return path, model.get_params()
 
 
+def initial_actor_critic(cfg, ac: ActorCritic) -> str | None:
+    """controller.init_from for the actor-critic: load that checkpoint's actor, critic, slow critic and return
+    scale into `ac` (the actor that evaluate.params names: the final one, params_mean, for mean), so a round of
+    iterative training continues the previous round's actor-critic in the new M (Dreamer's online loop: the
+    actor keeps learning while M is refitted on the episodes it recorded). The optimizers start afresh.
+    Returns the path, or None when the key is empty.
+
+    Raises:
+        UserError: not an actor-critic checkpoint, or one of another width, feature size or action bounds.
+    """
+    path = cfg.controller.init_from
+    if not path:
+        return None
+    model, ckpt = load_model(path, "controller")
+    if model.kind != "actor_critic" or (model.sizes(), model.config.units) != (ac.sizes(), ac.config.units):
+        theirs = f"units {model.config.units}, {model.sizes()}" if model.kind == "actor_critic" else "its parameters"
+        raise UserError(f"controller.init_from: {path} holds a {model.kind} C ({theirs}); this run's actor-critic "
+                        f"has units {ac.config.units}, {ac.sizes()}")
+    ac.load_state_dict(model.state_dict())
+    if cfg.evaluate.params == "mean":
+        ac.set_params(ckpt["params_mean"])
+    return path
+
+
 def train_actor_critic(cfg, args, vision_path: str, mdnrnn_path: str, memory, low, high) -> None:
     """controller.kind actor_critic: updates in M's imagination from the windows of stage 04's training
     episodes, held-out real re-evaluations (utils/imagination_trainer.py)."""
@@ -187,20 +211,21 @@ def train_actor_critic(cfg, args, vision_path: str, mdnrnn_path: str, memory, lo
     train, _ = split_episodes(files, cfg.memory.holdout_fraction, cfg.seed)  # M's own training episodes
     seed_everything(cfg.controller_seed)  # the networks' initial weights: a rerun of the same config is the same run
     ac = ActorCritic.for_world_model(cc.model_config(), memory.feature_dim, low, high)
-    trainer = ImaginationTrainer(cfg, vision_path, mdnrnn_path, memory, ac, train or files, stage_dir(cfg, "controller"))
+    initial = initial_actor_critic(cfg, ac)
+    trainer = ImaginationTrainer(cfg, vision_path, mdnrnn_path, memory, ac, train or files, stage_dir(cfg, "controller"),
+                                 initial)
     state = trainer.load_or_create(args.overwrite)  # a bad resume state stops the stage before anything is written
     check_backend(cfg.backend)
     open_stage_dir(cfg, "controller")
     h = cc.actor_critic.horizon
     print(f"[05] actor-critic in the imagination of M ({cfg.memory.kind}, {memory.feature_dim} features): horizon {h}, "
           f"{cc.batch_windows} windows of {cfg.memory.seq_len + 1} start states per update, {cc.updates} updates, "
-          f"held-out real re-evaluation every {cc.eval_every}")
+          f"held-out real re-evaluation every {cc.eval_every}" + (f", from the actor-critic of {initial}" if initial else ""))
     start = time.perf_counter()
     state = trainer.run(state)
     history, best = state["history"], state["best"]
     write_manifest(
-        trainer.out_dir, "05_train_controller", config_to_dict(cfg),
-        {"vision": os.path.abspath(vision_path), "mdnrnn": os.path.abspath(mdnrnn_path)},
+        trainer.out_dir, "05_train_controller", config_to_dict(cfg), dict(trainer.paths),
         time.perf_counter() - start,
         {"kind": "actor_critic", "updates": state["update"], "dream_steps": sum(r["dream_steps"] for r in history),
          "heldout_steps": sum(int(r.get("heldout_steps") or 0) for r in history),

@@ -225,3 +225,52 @@ def test_stage_05_trains_the_actor_critic_in_imagination_resumes_and_06_plays_it
     scores = json.load(open(run_dir / "eval" / "scores.json"))
     assert scores["episodes"] == 2 and scores["params_unit"] == "update" and "dream" in scores
     assert (run_dir / "eval" / "dream.gif").exists()
+
+
+def test_stage_05_continues_an_actor_critic_from_init_from(tiny_run, tmp_path):
+    """controller.init_from with the actor-critic: the actor (params_mean, evaluate.params mean), critic, slow
+    critic and return scale start from that checkpoint (tiny learning rates keep the actor there); a fresh run
+    starts elsewhere. A linear C or another width is refused before anything is written."""
+    import os
+    import shutil
+
+    from conftest import assert_ok, assert_user_error, run_script, write_config
+    from utils.checkpoints import load_model, save_model
+
+    memory, _ = load_model(os.path.join(tiny_run["run_dir"], "mdnrnn", "best.pt"), "memory")
+    torch.manual_seed(7)
+    previous = ActorCritic(ActorCriticConfig(units=16), memory.feature_dim, [-1.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    previous.return_scale.fill_(5.0)
+    final = previous.get_params() + 0.5  # the last actor, which evaluate.params mean names
+    first = str(tmp_path / "previous.pt")
+    save_model(first, previous, params_mean=torch.from_numpy(final))
+    controller = {"kind": "actor_critic", "updates": 2, "eval_every": 2, "eval_episodes": 1, "batch_windows": 2,
+                  "workers": 1, "actor_critic": {"units": 16, "horizon": 3, "actor_lr": 1e-9, "critic_lr": 1e-9}}
+
+    def run(name: str, **overrides):
+        run_dir = tmp_path / name
+        for stage in ("vision", "latents", "mdnrnn"):
+            shutil.copytree(os.path.join(tiny_run["run_dir"], stage), run_dir / stage)
+        os.makedirs(tmp_path / f"{name}_cfg")
+        config = write_config(tmp_path / f"{name}_cfg", run_dir, controller={**controller, **overrides},
+                              evaluate={"params": "mean", "max_steps": 30})
+        return run_script("05_train_controller", config), run_dir
+
+    proc, run_dir = run("continued", init_from=first)
+    assert_ok(proc)
+    assert f"from the actor-critic of {first}" in proc.stdout
+    after, ckpt = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
+    assert np.abs(ckpt["params_mean"].numpy() - final).max() < 1e-6
+    assert float(after.return_scale) > 4.0  # 5.0, moved by the EMA towards this M's spread
+    x = torch.randn(3, memory.feature_dim)
+    torch.testing.assert_close(after.value(x, slow=True), previous.value(x, slow=True), atol=1e-5, rtol=0)
+    proc, run_dir = run("fresh")
+    assert_ok(proc)
+    _, ckpt = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
+    assert np.abs(ckpt["params_mean"].numpy() - final).max() > 0.1
+    for name, path, expected in (("linear", os.path.join(tiny_run["run_dir"], "controller", "controller.pt"),
+                                  "holds a linear C"), ("wider", first, "units 16")):
+        units = 32 if name == "wider" else 16
+        proc, run_dir = run(name, init_from=path, actor_critic={**controller["actor_critic"], "units": units})
+        assert_user_error(proc, "controller.init_from", expected)
+        assert not (run_dir / "controller").exists()

@@ -126,8 +126,13 @@ def test_later_rounds_can_start_c_at_the_previous_rounds(tmp_path):
     assert f"controller.init_from={previous}" in round_overrides(cfg, 1)
     scratch = load_config(config, ["iterative.controller_init=scratch"])
     assert not any(s.startswith("controller.init_from") for s in round_overrides(scratch, 1))
-    with pytest.raises(UserError, match="iterative.controller_init"):
-        check_iterative_config(load_config(config, ["controller.kind=actor_critic"]))
+    # the actor-critic continued from round to round (Dreamer's online loop), after a linear real-env bootstrap
+    online = load_config(config, ["controller.kind=actor_critic", "iterative.rounds=3",
+                                  "iterative.bootstrap_generations=2"])
+    check_iterative_config(online)
+    assert not any(s.startswith("controller.init_from") for s in round_overrides(online, 1))  # round 0's C: linear
+    assert (f"controller.init_from={os.path.join(str(tmp_path / 'run'), 'round_01', 'controller', 'controller.pt')}"
+            in round_overrides(online, 2))
     for sets in (["controller.ensemble_fitness=min"],
                  ["controller.ensemble_fitness=min", "memory.ensemble=3", "controller.rollouts_per_candidate=4"]):
         with pytest.raises(UserError, match="controller.ensemble_fitness: min .* needs memory.ensemble >= 2"):
@@ -178,6 +183,10 @@ def test_final_round_sets_change_the_last_rounds_c_only(tmp_path):
                        ("controller.env=real", "controller.env: iterative training trains C inside M only")):
         with pytest.raises(UserError, match=match):  # each refused before any round runs
             check_iterative_config(load_config(config, [f"iterative.final_round_sets=[{bad}]"]))
+    continued = ["controller.kind=actor_critic", "iterative.final_round_sets=[controller.actor_critic.units=8]"]
+    with pytest.raises(UserError, match="controller_init previous .* cannot change .*actor_critic.units"):
+        check_iterative_config(load_config(config, continued))
+    check_iterative_config(load_config(config, [*continued, "iterative.controller_init=scratch"]))
     with pytest.raises(UserError, match="only round's C is the real-env bootstrap"):
         check_iterative_config(load_config(config, ["iterative.rounds=1", "iterative.bootstrap_generations=2"]))
     with pytest.raises(UserError, match="iterative.final_round_sets.*expected a list of strings"):

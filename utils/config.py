@@ -186,8 +186,9 @@ class ControllerConfig(LinearControllerConfig):
                                         "r - lambda u (Yu et al. 2020), u the standard deviation of the K members' "
                                         "predicted rewards for the step; every member then filters every rollout "
                                         "(K member steps per dream step instead of 2); 0: off", minimum=0)
-    init_from: str = param("", "linear C: a controller.pt whose C (the one evaluate.params names) is CMA-ES's "
-                           "initial mean; empty: zeros")
+    init_from: str = param("", "a controller.pt of this C's kind whose C (the one evaluate.params names) starts "
+                           "training: linear, CMA-ES's initial mean; actor_critic, the actor, critic and return scale "
+                           "(fresh optimizers); empty: zeros / fresh networks")
     seed: int | None = param(None, "seed of C's training alone (CMA-ES's draws, its training and held-out "
                              "episodes, the initial weights; M's episode split and 06's goals keep the run seed): "
                              "several C seeds on one V and M; null: the run's seed", minimum=0)
@@ -247,8 +248,9 @@ class IterativeConfig:
     memory_init: str = param("previous", "M in later rounds: previous (fine-tune the previous round's M for "
                              "memory_epochs) | scratch (train anew for memory.epochs)", choices=("previous", "scratch"))
     memory_epochs: int = param(5, "memory_init previous: epochs of fine-tuning per later round", minimum=1)
-    controller_init: str = param("scratch", "C in later rounds: scratch (CMA-ES from zeros) | previous (CMA-ES "
-                                 "from the previous round's C, via controller.init_from)",
+    controller_init: str = param("scratch", "C in later rounds: scratch (CMA-ES from zeros, a fresh actor-critic) | "
+                                 "previous (the previous round's C, via controller.init_from, where both rounds "
+                                 "train the same C kind: CMA-ES's mean, or the actor-critic continued)",
                                  choices=("scratch", "previous"))
     eval_episodes: int = param(20, "held-out real episodes of each round's stage 06 (the last round plays "
                                "evaluate.episodes)", minimum=1)

@@ -66,14 +66,17 @@ class ImaginationTrainer:
     Args:
         cfg: the run's config; vision_path, mdnrnn_path: V's and M's checkpoints (the real-env workers load them);
         memory: M, loaded from mdnrnn_path; ac: a fresh ActorCritic on M's features; latent_files: the latent
-        episodes whose windows start imagination; out_dir: <run_dir>/controller.
+        episodes whose windows start imagination; out_dir: <run_dir>/controller; init_from: the checkpoint `ac` was
+        started from (controller.init_from), part of what a resume state must match.
     """
 
     def __init__(self, cfg: Config, vision_path: str, mdnrnn_path: str, memory, ac: ActorCritic,
-                 latent_files: list[str], out_dir: str):
+                 latent_files: list[str], out_dir: str, init_from: str | None = None):
         self.cfg, self.out_dir, self.ac = cfg, out_dir, ac
         self.memory = memory.eval().requires_grad_(False)  # frozen: only the actor and the critic learn
         self.paths = {"vision": os.path.abspath(vision_path), "mdnrnn": os.path.abspath(mdnrnn_path)}
+        if init_from:
+            self.paths["init_from"] = os.path.abspath(init_from)
         self.input_sha256 = {k: file_sha256(p) for k, p in self.paths.items()}
         self.windows = LatentWindows(latent_files, cfg.memory.seq_len)
         c = ac.config
@@ -85,7 +88,7 @@ class ImaginationTrainer:
         """The run so far (networks and optimizers restored from latest.pt) or a new one.
 
         Raises:
-            UserError: a resume state of another C, another config of C, or other V or M checkpoints.
+            UserError: a resume state of another C, another config of C, or other V, M or init_from checkpoints.
         """
         fresh = {"update": 0, "history": [], "best": None, "elapsed_s": 0.0}
         if overwrite or not os.path.exists(self.state_path):
@@ -97,8 +100,8 @@ class ImaginationTrainer:
             raise UserError(f"{self.state_path}: saved for {saved[0]} {saved[1]} {saved[2]}, this run has {wanted[0]} "
                             f"{wanted[1]} {wanted[2]}; pass --overwrite to start over")
         if ckpt.get("input_sha256") != self.input_sha256:
-            raise UserError(f"{self.state_path}: saved for other V or M checkpoints than {self.paths['vision']} and "
-                            f"{self.paths['mdnrnn']}; pass --overwrite to start over")
+            raise UserError(f"{self.state_path}: saved for other V, M or controller.init_from checkpoints than "
+                            f"{', '.join(self.paths.values())}; pass --overwrite to start over")
         self.ac.load_state_dict(ckpt["state_dict"])
         self.actor_opt.load_state_dict(ckpt["actor_optimizer"])
         self.critic_opt.load_state_dict(ckpt["critic_optimizer"])

@@ -13,7 +13,9 @@ Round k runs the six stages in <run_dir>/round_KK/, each as its own process, exa
 - round k >= 1 starts from hard links of round k-1's episodes (and, unless iterative.refit_vision, of its V
   and latents), records `iterative.episodes` new episodes with round k-1's agent plus N(0,
   rollouts.action_noise^2) action noise, encodes them, fine-tunes round k-1's M on all episodes so far
-  (iterative.memory_init: previous; or trains M anew), trains a new C in the new M only, and evaluates it;
+  (iterative.memory_init: previous; or trains M anew), trains C in the new M only (from scratch, or from round
+  k-1's C of the same kind with iterative.controller_init: previous: CMA-ES's mean, or the actor-critic
+  continued as in Dreamer's online loop), and evaluates it;
 - the last round's stages also take iterative.final_round_sets, e.g. an actor-critic in the final M
   (controller.kind=actor_critic) after CMA-ES rounds whose Cs recorded the data.
 
@@ -93,9 +95,21 @@ def round_overrides(cfg: Config, k: int) -> list[str]:
              f"rollouts.controller={os.path.join(prev, 'controller', 'controller.pt')}"]
     if it.memory_init == "previous":
         sets += [f"memory.init_from={os.path.join(prev, 'mdnrnn', 'best.pt')}", f"memory.epochs={it.memory_epochs}"]
-    if it.controller_init == "previous" and (not final or final_round_config(cfg).controller.kind == "linear"):
+    if it.controller_init == "previous" and round_controller_kind(cfg, k - 1) == round_controller_kind(cfg, k):
         sets.append(f"controller.init_from={os.path.join(prev, 'controller', 'controller.pt')}")
     return sets + final
+
+
+def round_controller_kind(cfg: Config, k: int) -> str:
+    """The kind of C round k trains: linear for a real-env bootstrap (round 0), the kind iterative.final_round_sets
+    sets for the last round, else controller.kind. With controller_init previous a round starts from the previous
+    round's C only where the kinds match (else from scratch)."""
+    it = cfg.iterative
+    if k == 0 and it.bootstrap_generations:
+        return "linear"
+    if k == it.rounds - 1 and it.final_round_sets:
+        return final_round_config(cfg).controller.kind
+    return cfg.controller.kind
 
 
 def link_files(src: str, dst: str, pattern: str) -> int:
@@ -129,22 +143,26 @@ def check_iterative_config(cfg: Config) -> None:
     """The procedure trains C in M only.
 
     Raises:
-        UserError: controller.env real with the linear C; a refitted V with a fine-tuned M; a C started from the
-            previous round's for the actor-critic; ensemble_fitness min without an ensemble M whose size divides
+        UserError: controller.env real with the linear C; a refitted V with a fine-tuned M; a last round that
+            starts from the previous round's C but changes its inputs or width; ensemble_fitness min without an ensemble M whose size divides
             rollouts_per_candidate; a disagreement penalty without an ensemble; stage 04's options
             (utils.training.check_memory_options); iterative.final_round_sets that do not parse, name a key the
             driver sets (run_dir, seed, iterative.*), give a config that any of the above refuses, or would
             replace the real-env bootstrap C of a single round.
     """
-    if cfg.iterative.controller_init == "previous" and cfg.controller.kind != "linear":
-        raise UserError(f"iterative.controller_init: previous starts CMA-ES at the previous round's linear C; "
-                        f"controller.kind is {cfg.controller.kind}, so set iterative.controller_init=scratch")
     if cfg.iterative.refit_vision and cfg.iterative.memory_init == "previous":
         raise UserError("iterative.memory_init: previous fine-tunes M on the z of the same V; with "
                         "iterative.refit_vision true every round has a new V, so set iterative.memory_init=scratch")
     check_round_config(cfg)
     if cfg.iterative.final_round_sets:
-        check_round_config(final_round_config(cfg))
+        final = final_round_config(cfg)
+        check_round_config(final)
+        if cfg.iterative.controller_init == "previous" and cfg.controller.kind == final.controller.kind and (
+                cfg.controller.inputs != final.controller.inputs
+                or cfg.controller.actor_critic.units != final.controller.actor_critic.units):
+            raise UserError("iterative.final_round_sets: with iterative.controller_init previous the last round's C "
+                            "starts from the previous round's, so it cannot change controller.inputs or "
+                            "controller.actor_critic.units; set iterative.controller_init=scratch")
 
 
 def final_round_config(cfg: Config) -> Config:
@@ -269,7 +287,7 @@ def round_row(cfg: Config, k: int, real_steps_before: int) -> dict:
         # (episodes it never saw); with a refitted V the new latents are another V's z, so there is no such number
         prev_memory, _ = load_model(os.path.join(round_dir(cfg, k - 1), "mdnrnn", "best.pt"), "memory")
         fit = memory_fit(prev_memory, [os.path.join(here, "latents", os.path.basename(p)) for p in new], cfg)
-    return {"round": k, "controller": controller_label(controller), "episodes": episodes_after(cfg, k),
+    return {"round": k, "controller": controller_label(manifests["controller"]), "episodes": episodes_after(cfg, k),
             "new_episodes": len(new), "data_steps": data_steps,
             "c_real_steps": c_real_steps, "eval_steps": eval_steps,
             "real_steps_total": real_steps_before + data_steps + c_real_steps + eval_steps,
@@ -282,12 +300,15 @@ def round_row(cfg: Config, k: int, real_steps_before: int) -> dict:
             "cpu_s": round(sum(m.get("cpu_s") or 0.0 for m in own.values()), 1)}
 
 
-def controller_label(metrics: dict) -> str:
-    """How a round's C was trained, from its 05 manifest's metrics: 'CMA-ES in M', 'CMA-ES in the real env' or
-    'actor-critic in M'."""
+def controller_label(manifest: dict) -> str:
+    """How a round's C was trained, from its 05 manifest: 'CMA-ES in the real env', 'CMA-ES in M' or 'actor-critic
+    in M', with ', continued' where it started from another C (controller.init_from)."""
+    metrics = manifest["metrics"]
     if metrics.get("kind") == "actor_critic":
-        return "actor-critic in M"
-    return "CMA-ES in the real env" if metrics.get("env") == "real" else "CMA-ES in M"
+        label = "actor-critic in M"
+    else:
+        label = "CMA-ES in the real env" if metrics.get("env") == "real" else "CMA-ES in M"
+    return label + (", continued" if manifest["config"]["controller"].get("init_from") else "")
 
 
 def write_rounds(cfg: Config, rows: list[dict], baseline: str | None = None) -> None:
