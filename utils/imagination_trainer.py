@@ -65,9 +65,10 @@ class ImaginationTrainer:
 
     Args:
         cfg: the run's config; vision_path, mdnrnn_path: V's and M's checkpoints (the real-env workers load them);
-        memory: M, loaded from mdnrnn_path; ac: a fresh ActorCritic on M's features; latent_files: the latent
-        episodes whose windows start imagination; out_dir: <run_dir>/controller; init_from: the checkpoint `ac` was
-        started from (controller.init_from), part of what a resume state must match.
+        memory: M, loaded from mdnrnn_path; ac: an ActorCritic on M's features (fresh, or loaded from
+        controller.init_from); latent_files: the latent episodes whose windows start imagination; out_dir:
+        <run_dir>/controller; init_from: the checkpoint `ac` was started from (controller.init_from), part of
+        what a resume state must match.
     """
 
     def __init__(self, cfg: Config, vision_path: str, mdnrnn_path: str, memory, ac: ActorCritic,
