@@ -179,7 +179,8 @@ def initial_controller(cfg, controller: LinearController) -> tuple[str, np.ndarr
 
 def initial_actor_critic(cfg, ac: ActorCritic) -> str | None:
     """controller.init_from for the actor-critic: load that checkpoint's actor, critic, slow critic and return
-    scale into `ac` (the actor that evaluate.params names: the final one, params_mean, for mean), so a round of
+    scale into `ac` (the actor that evaluate.params names: the final one, params_mean, for mean; with
+    actor_critic.actor_average > 0 the average restarts at that actor), so a round of
     iterative training continues the previous round's actor-critic in the new M (Dreamer's online loop: the
     actor keeps learning while M is refitted on the episodes it recorded). The optimizers start afresh.
     Returns the path, or None when the key is empty.
@@ -195,9 +196,14 @@ def initial_actor_critic(cfg, ac: ActorCritic) -> str | None:
         theirs = f"units {model.config.units}, {model.sizes()}" if model.kind == "actor_critic" else "its parameters"
         raise UserError(f"controller.init_from: {path} holds a {model.kind} C ({theirs}); this run's actor-critic "
                         f"has units {ac.config.units}, {ac.sizes()}")
-    ac.load_state_dict(model.state_dict())
+    continued = {k: v for k, v in model.state_dict().items() if not k.startswith("averaged_actor.")}
+    missing, unexpected = ac.load_state_dict(continued, strict=False)
+    if unexpected or any(not k.startswith("averaged_actor.") for k in missing):  # same sizes: only by a bug
+        raise UserError(f"controller.init_from: {path} does not match this run's actor-critic "
+                        f"(missing {missing}, unexpected {unexpected})")
     if cfg.evaluate.params == "mean":
         ac.set_params(ckpt["params_mean"])
+    ac.reset_averaged_actor()
     return path
 
 

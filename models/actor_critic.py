@@ -14,6 +14,12 @@ reparameterised), while M's own parameters stay frozen.
 
 Actions: a = squash_to_bounds(u), u ~ N(mu, sigma) (the tanh squashing of the
 linear C); the entropy bonus uses the entropy of the Gaussian over u.
+
+With actor_average > 0 an averaged actor, an exponential moving average of the
+actor's weights after every update (Polyak & Juditsky 1992; the averaged
+policy of Nikishin et al. 2018), is the one that acts in the real env: the
+actor's score swings within 100 updates in one fixed M, and its average moves
+only as far as the actor does on the whole.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ class ActorCriticConfig:
     actor_lr: float = param(8e-5, "Adam learning rate of the actor", above=0)
     critic_lr: float = param(8e-5, "Adam learning rate of the critic", above=0)
     slow_critic: float = param(0.02, "EMA rate of the slow critic that bootstraps the returns", above=0, maximum=1)
+    actor_average: float = param(0.0, "EMA rate of the averaged actor that plays the real env and 06's dream "
+                                 "(0: the actor itself)", minimum=0, maximum=1)
     min_std: float = param(0.1, "lower bound of the actor's sigma (pre-squash units)", above=0)
     max_std: float = param(1.0, "upper bound of the actor's sigma (pre-squash units; DreamerV3's 1)", above=0)
     grad_clip: float = param(100.0, "max global gradient norm of each of actor and critic", above=0)
@@ -98,6 +106,10 @@ class ActorCritic(nn.Module):
         self.slow_critic = _mlp(self.in_dim, config.units, 1)
         self.slow_critic.load_state_dict(self.critic.state_dict())
         self.slow_critic.requires_grad_(False)
+        if config.actor_average > 0:  # only then in the state dict: checkpoints without it load as before
+            self.averaged_actor = _mlp(self.in_dim, config.units, 2 * self.action_dim)
+            self.averaged_actor.requires_grad_(False)
+            self.reset_averaged_actor()
         self.register_buffer("return_scale", torch.ones(()))  # EMA of the 5-95 percentile range, >= 1
 
     @classmethod
@@ -134,6 +146,13 @@ class ActorCritic(nn.Module):
         """The actor's parameters as one flat float32 vector (num_params,)."""
         return torch.nn.utils.parameters_to_vector(self.actor.parameters()).detach().cpu().numpy().copy()
 
+    def deployed_params(self) -> np.ndarray:
+        """The parameters, flat float32 (num_params,), of the actor that plays the real env: the averaged actor's
+        with actor_average > 0, else the actor's own (`get_params`)."""
+        if self.config.actor_average <= 0:
+            return self.get_params()
+        return torch.nn.utils.parameters_to_vector(self.averaged_actor.parameters()).detach().cpu().numpy().copy()
+
     def set_params(self, flat) -> None:
         """Load the actor's parameters from a flat vector of `get_params`.
 
@@ -169,6 +188,20 @@ class ActorCritic(nn.Module):
         with torch.no_grad():
             for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters(), strict=True):
                 slow.lerp_(fast, rate)
+
+    def update_averaged_actor(self) -> None:
+        """averaged <- (1 - rate) averaged + rate actor, with rate = actor_average (nothing when it is 0)."""
+        rate = self.config.actor_average
+        if rate <= 0:
+            return
+        with torch.no_grad():
+            for avg, fast in zip(self.averaged_actor.parameters(), self.actor.parameters(), strict=True):
+                avg.lerp_(fast, rate)
+
+    def reset_averaged_actor(self) -> None:
+        """Start the average at the actor's current weights (a fresh actor, or one continued from a checkpoint)."""
+        if self.config.actor_average > 0:
+            self.averaged_actor.load_state_dict(self.actor.state_dict())
 
 
 def imagine(memory, ac: ActorCritic, start_state, horizon: int, generator=None) -> dict[str, torch.Tensor]:
@@ -238,4 +271,5 @@ def imagination_update(memory, ac: ActorCritic, actor_opt, critic_opt, start_sta
         actor_opt.step()
         critic_opt.step()
         ac.update_slow_critic()
+        ac.update_averaged_actor()
     return {**{k: float(v.detach()) for k, v in losses.items()}, "skipped": 0.0 if ok else 1.0}

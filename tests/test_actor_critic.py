@@ -37,6 +37,28 @@ def test_round_trip_and_the_wrong_kind(tmp_path):
         ActorCritic(ActorCriticConfig(min_std=1.0, max_std=1.0), 5, [-1.0], [1.0])
 
 
+def test_the_averaged_actor_is_an_ema_of_the_actors_weights(tmp_path):
+    from utils.checkpoints import load_model, save_model
+
+    torch.manual_seed(0)
+    plain = ActorCritic(ActorCriticConfig(units=8), 5, [-1.0], [1.0])
+    assert not any(k.startswith("averaged_actor.") for k in plain.state_dict())  # older checkpoints still load
+    assert np.array_equal(plain.deployed_params(), plain.get_params())
+    ac = ActorCritic(ActorCriticConfig(units=8, actor_average=0.25), 5, [-1.0], [1.0])
+    before = ac.get_params()
+    assert np.array_equal(ac.deployed_params(), before)  # the average starts at the actor
+    after = before + np.linspace(-1, 1, before.size, dtype=np.float32)
+    ac.set_params(after)
+    ac.update_averaged_actor()
+    np.testing.assert_allclose(ac.deployed_params(), 0.75 * before + 0.25 * after, atol=1e-6)
+    path = str(tmp_path / "ac.pt")
+    save_model(path, ac)
+    again, _ = load_model(path, "controller")
+    assert np.array_equal(again.deployed_params(), ac.deployed_params())
+    again.reset_averaged_actor()
+    assert np.array_equal(again.deployed_params(), after)
+
+
 def test_lambda_one_with_a_zero_critic_is_the_discounted_return():
     rewards = torch.tensor([[1.0], [2.0], [3.0]])
     returns = lambda_returns(rewards, torch.zeros(4, 1), torch.ones(3, 1), gamma=0.5, lam=1.0)
@@ -230,7 +252,7 @@ def test_stage_05_trains_the_actor_critic_in_imagination_resumes_and_06_plays_it
 def test_stage_05_continues_an_actor_critic_from_init_from(tiny_run, tmp_path):
     """controller.init_from with the actor-critic: the actor (params_mean, evaluate.params mean), critic, slow
     critic and return scale start from that checkpoint (tiny learning rates keep the actor there); a fresh run
-    starts elsewhere. A linear C or another width is refused before anything is written."""
+    starts elsewhere, and with actor_average its averaged actor is what it saves to play. A linear C or another width is refused before anything is written."""
     import os
     import shutil
 
@@ -256,7 +278,8 @@ def test_stage_05_continues_an_actor_critic_from_init_from(tiny_run, tmp_path):
                               evaluate={"params": "mean", "max_steps": 30})
         return run_script("05_train_controller", config), run_dir
 
-    proc, run_dir = run("continued", init_from=first)
+    averaged = {**controller["actor_critic"], "actor_average": 0.5}
+    proc, run_dir = run("continued", init_from=first, actor_critic=averaged)  # from a C without an average
     assert_ok(proc)
     assert f"from the actor-critic of {first}" in proc.stdout
     after, ckpt = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
@@ -264,10 +287,13 @@ def test_stage_05_continues_an_actor_critic_from_init_from(tiny_run, tmp_path):
     assert float(after.return_scale) > 4.0  # 5.0, moved by the EMA towards this M's spread
     x = torch.randn(3, memory.feature_dim)
     torch.testing.assert_close(after.value(x, slow=True), previous.value(x, slow=True), atol=1e-5, rtol=0)
-    proc, run_dir = run("fresh")
+    proc, run_dir = run("fresh", actor_critic={**averaged, "actor_lr": 1e-2})
     assert_ok(proc)
     _, ckpt = load_model(str(run_dir / "controller" / "controller.pt"), "controller")
     assert np.abs(ckpt["params_mean"].numpy() - final).max() > 0.1
+    state, _ = load_model(str(run_dir / "controller" / "latest.pt"), "controller")  # the averaged actor plays
+    assert np.array_equal(ckpt["params_mean"].numpy(), state.deployed_params())
+    assert np.abs(state.deployed_params() - state.get_params()).max() > 1e-4
     for name, path, expected in (("linear", os.path.join(tiny_run["run_dir"], "controller", "controller.pt"),
                                   "holds a linear C"), ("wider", first, "units 16")):
         units = 32 if name == "wider" else 16

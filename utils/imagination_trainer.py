@@ -6,11 +6,13 @@ Every `controller.eval_every` updates the actor plays `controller.eval_episodes`
 same seed stream as the CMA-ES re-evaluations, on the config's backend, for logging and for picking the best
 actor) and the run writes a history.csv row, `latest.pt` (networks, optimizers, return scale, history: the
 resume state, tensors and plain types only) and `controller.pt` (the best held-out actor so far; the last
-actor's parameters beside it as `params_mean`). A killed run resumes at its last row.
+actor's parameters beside it as `params_mean`). With actor_critic.actor_average > 0 the actor that plays, is
+picked and is saved is the averaged actor (ActorCritic.deployed_params). A killed run resumes at its last row.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.actor_critic import ActorCritic, filtered_states, imagination_update
+from models.actor_critic import ActorCritic, ActorCriticConfig, filtered_states, imagination_update
 from utils.checkpoints import read_checkpoint, save_model
 from utils.cmaes_trainer import heldout_seeds
 from utils.config import Config, config_to_dict
@@ -95,7 +97,10 @@ class ImaginationTrainer:
         if overwrite or not os.path.exists(self.state_path):
             return fresh
         ckpt = read_checkpoint(self.state_path)
-        saved = (ckpt.get("kind"), ckpt.get("config"), ckpt.get("sizes"))
+        config = ckpt.get("config")
+        if isinstance(config, dict):  # a key added since the state was saved counts at its default
+            config = {**dataclasses.asdict(ActorCriticConfig()), **config}
+        saved = (ckpt.get("kind"), config, ckpt.get("sizes"))
         wanted = (self.ac.kind, config_to_dict(self.cfg)["controller"]["actor_critic"], self.ac.sizes())
         if saved != wanted:
             raise UserError(f"{self.state_path}: saved for {saved[0]} {saved[1]} {saved[2]}, this run has {wanted[0]} "
@@ -119,13 +124,12 @@ class ImaginationTrainer:
                    best=None if best is None else {k: v for k, v in best.items() if k != "params"},
                    best_params=None if best is None else torch.from_numpy(best["params"]))
         write_history(os.path.join(self.out_dir, "history.csv"), state["history"])
-        final = self.ac.get_params()
-        if best is not None:
-            self.ac.set_params(best["params"])
+        training, final = self.ac.get_params(), self.ac.deployed_params()
+        self.ac.set_params(final if best is None else best["params"])
         save_model(os.path.join(self.out_dir, "controller.pt"), self.ac, params_mean=torch.from_numpy(final),
                    best=None if best is None else {k: v for k, v in best.items() if k != "params"},
                    update=state["update"], inputs=self.paths, run_config=config_to_dict(self.cfg))
-        self.ac.set_params(final)
+        self.ac.set_params(training)
 
     def _start_states(self, update: int):
         """M's filtered states on `batch_windows` windows drawn for this update (seeded by C's seed,
@@ -165,7 +169,7 @@ class ImaginationTrainer:
                 if not all(math.isfinite(v) for v in sums.values()):
                     raise UserError(f"{self.out_dir}: updates {state['update'] + 1}-{state['update'] + block} gave "
                                     "non-finite losses; nothing of them was saved (lower the learning rates)")
-                params = self.ac.get_params()
+                params = self.ac.deployed_params()
                 tasks = [{"params": params, "seed": s, "max_steps": 0, "early_stop_steps": 0} for s in heldout_seeds(cfg)]
                 played = pool.map(tasks, progress="held-out")
                 held = np.array([r["return"] for r in played])
