@@ -196,11 +196,8 @@ def initial_actor_critic(cfg, ac: ActorCritic) -> str | None:
         theirs = f"units {model.config.units}, {model.sizes()}" if model.kind == "actor_critic" else "its parameters"
         raise UserError(f"controller.init_from: {path} holds a {model.kind} C ({theirs}); this run's actor-critic "
                         f"has units {ac.config.units}, {ac.sizes()}")
-    continued = {k: v for k, v in model.state_dict().items() if not k.startswith("averaged_actor.")}
-    missing, unexpected = ac.load_state_dict(continued, strict=False)
-    if unexpected or any(not k.startswith("averaged_actor.") for k in missing):  # same sizes: only by a bug
-        raise UserError(f"controller.init_from: {path} does not match this run's actor-critic "
-                        f"(missing {missing}, unexpected {unexpected})")
+    theirs = {k: v for k, v in model.state_dict().items() if not k.startswith("averaged_actor.")}
+    ac.load_state_dict({**ac.state_dict(), **theirs})  # the averaged actor, if either has one, restarts below
     if cfg.evaluate.params == "mean":
         ac.set_params(ckpt["params_mean"])
     ac.reset_averaged_actor()

@@ -73,6 +73,17 @@ class ActorCriticConfig:
     grad_clip: float = param(100.0, "max global gradient norm of each of actor and critic", above=0)
 
 
+def _flat(net: nn.Module) -> np.ndarray:
+    return torch.nn.utils.parameters_to_vector(net.parameters()).detach().cpu().numpy().copy()
+
+
+def _ema(target: nn.Module, source: nn.Module, rate: float) -> None:
+    """target <- (1 - rate) target + rate source, parameter by parameter."""
+    with torch.no_grad():
+        for slow, fast in zip(target.parameters(), source.parameters(), strict=True):
+            slow.lerp_(fast, rate)
+
+
 def _mlp(n_in: int, units: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, units), nn.ELU(), nn.Linear(units, units), nn.ELU(),
                          nn.Linear(units, n_out))
@@ -144,14 +155,12 @@ class ActorCritic(nn.Module):
 
     def get_params(self) -> np.ndarray:
         """The actor's parameters as one flat float32 vector (num_params,)."""
-        return torch.nn.utils.parameters_to_vector(self.actor.parameters()).detach().cpu().numpy().copy()
+        return _flat(self.actor)
 
     def deployed_params(self) -> np.ndarray:
         """The parameters, flat float32 (num_params,), of the actor that plays the real env: the averaged actor's
         with actor_average > 0, else the actor's own (`get_params`)."""
-        if self.config.actor_average <= 0:
-            return self.get_params()
-        return torch.nn.utils.parameters_to_vector(self.averaged_actor.parameters()).detach().cpu().numpy().copy()
+        return _flat(self.averaged_actor if self.config.actor_average > 0 else self.actor)
 
     def set_params(self, flat) -> None:
         """Load the actor's parameters from a flat vector of `get_params`.
@@ -184,19 +193,12 @@ class ActorCritic(nn.Module):
 
     def update_slow_critic(self) -> None:
         """slow <- (1 - rate) slow + rate critic."""
-        rate = self.config.slow_critic
-        with torch.no_grad():
-            for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters(), strict=True):
-                slow.lerp_(fast, rate)
+        _ema(self.slow_critic, self.critic, self.config.slow_critic)
 
     def update_averaged_actor(self) -> None:
         """averaged <- (1 - rate) averaged + rate actor, with rate = actor_average (nothing when it is 0)."""
-        rate = self.config.actor_average
-        if rate <= 0:
-            return
-        with torch.no_grad():
-            for avg, fast in zip(self.averaged_actor.parameters(), self.actor.parameters(), strict=True):
-                avg.lerp_(fast, rate)
+        if self.config.actor_average > 0:
+            _ema(self.averaged_actor, self.actor, self.config.actor_average)
 
     def reset_averaged_actor(self) -> None:
         """Start the average at the actor's current weights (a fresh actor, or one continued from a checkpoint)."""

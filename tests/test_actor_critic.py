@@ -252,7 +252,8 @@ def test_stage_05_trains_the_actor_critic_in_imagination_resumes_and_06_plays_it
 def test_stage_05_continues_an_actor_critic_from_init_from(tiny_run, tmp_path):
     """controller.init_from with the actor-critic: the actor (params_mean, evaluate.params mean), critic, slow
     critic and return scale start from that checkpoint (tiny learning rates keep the actor there); a fresh run
-    starts elsewhere, and with actor_average its averaged actor is what it saves to play. A linear C or another width is refused before anything is written."""
+    starts elsewhere, and with actor_average its averaged actor is what it saves to play. A linear C or another
+    width is refused before anything is written."""
     import os
     import shutil
 
