@@ -8,9 +8,17 @@ regresses lambda-returns (DreamerV1 eq. 6), bootstrapped from a slow critic:
     R_t = r_t + gamma c_t ((1 - lambda) v(s_{t+1}) + lambda R_{t+1}),   R_H = v(s_H).
 
 The actor maximises R / max(1, S) + eta H[pi] with S the EMA of the 5th to
-95th percentile range of the returns (DreamerV3's return normalisation); its
-gradient flows back through M's dynamics into the actions (continuous actions,
-reparameterised), while M's own parameters stay frozen.
+95th percentile range of the returns (DreamerV3's return normalisation), by one
+of two gradient estimators (actor_gradient), M's own parameters frozen in both:
+
+- dynamics (DreamerV1, and V2 for continuous actions): the gradient of R flows
+  back through M's reward head and dynamics into reparameterised actions. It
+  follows M's gradient, so it also climbs M's errors wherever M's reward rises
+  with an action more steeply than the env's does.
+- reinforce (DreamerV3 for every action space, its `imag_loss`): the
+  likelihood-ratio gradient sg((R_t - v(s_t)) / max(1, S)) grad log pi(u_t | s_t),
+  with the critic as baseline; the imagined trajectory carries no gradient, so
+  the actor sees only the values M gives the actions it sampled.
 
 Actions: a = squash_to_bounds(u), u ~ N(mu, sigma) (the tanh squashing of the
 linear C); the entropy bonus uses the entropy of the Gaussian over u.
@@ -71,6 +79,9 @@ class ActorCriticConfig:
     min_std: float = param(0.1, "lower bound of the actor's sigma (pre-squash units)", above=0)
     max_std: float = param(1.0, "upper bound of the actor's sigma (pre-squash units; DreamerV3's 1)", above=0)
     grad_clip: float = param(100.0, "max global gradient norm of each of actor and critic", above=0)
+    actor_gradient: str = param("dynamics", "the actor's gradient estimator: dynamics (backprop through M into the "
+                                "actions, DreamerV1/V2) or reinforce (likelihood ratio with the critic as baseline, "
+                                "DreamerV3)", choices=("dynamics", "reinforce"))
 
 
 def _flat(net: nn.Module) -> np.ndarray:
@@ -207,20 +218,34 @@ class ActorCritic(nn.Module):
 
 
 def imagine(memory, ac: ActorCritic, start_state, horizon: int, generator=None) -> dict[str, torch.Tensor]:
-    """Roll the actor H steps inside M from `start_state` (a batch of M states), keeping the graph from the
-    actions through M's dynamics. Returns features (H + 1, B, F), rewards, continues and entropies (H, B)."""
-    state, feats, rewards, continues, entropies = start_state, [memory.features(start_state)], [], [], []
-    for _ in range(horizon):
-        pi = ac.policy(feats[-1])
-        action = squash_to_bounds(pi.rsample(), ac.low, ac.high)
-        state = memory.imagine(memory.transition(state, action), 1.0, generator)
-        reward, done_logit = memory.heads(state)
-        feats.append(memory.features(state))
-        rewards.append(reward)
-        continues.append(1 - torch.sigmoid(done_logit))
-        entropies.append(pi.entropy().sum(-1))
-    return {"features": torch.stack(feats), "rewards": torch.stack(rewards), "continues": torch.stack(continues),
+    """Roll the actor H steps inside M from `start_state` (a batch of M states). With actor_gradient dynamics the
+    graph runs from the actions through M's dynamics; with reinforce the rollout carries no gradient and the
+    sampled pre-squash actions are returned for the log-likelihoods. Returns features (H + 1, B, F), rewards,
+    continues and entropies (H, B), and for reinforce the sampled pre-squash actions `raw_actions` (H, B, A)
+    and `log_probs` (H, B): log pi(u_t | s_t), with gradient to the actor only (the squash's Jacobian does not
+    depend on the actor once u is drawn)."""
+    reinforce = ac.config.actor_gradient == "reinforce"
+    state, feats, rewards, continues, entropies, raw = start_state, [memory.features(start_state)], [], [], [], []
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not reinforce):
+        for _ in range(horizon):
+            pi = ac.policy(feats[-1])
+            u = pi.rsample()
+            action = squash_to_bounds(u, ac.low, ac.high)
+            state = memory.imagine(memory.transition(state, action), 1.0, generator)
+            reward, done_logit = memory.heads(state)
+            feats.append(memory.features(state))
+            rewards.append(reward)
+            continues.append(1 - torch.sigmoid(done_logit))
+            entropies.append(pi.entropy().sum(-1))
+            raw.append(u)
+    traj = {"features": torch.stack(feats), "rewards": torch.stack(rewards), "continues": torch.stack(continues),
             "entropies": torch.stack(entropies)}
+    if reinforce:  # the policy again on the (gradient-free) visited features: log pi and H[pi] reach the actor
+        pi = ac.policy(traj["features"][:-1])
+        traj["raw_actions"] = torch.stack(raw)
+        traj["log_probs"] = pi.log_prob(traj["raw_actions"]).sum(-1)
+        traj["entropies"] = pi.entropy().sum(-1)
+    return traj
 
 
 def actor_critic_losses(ac: ActorCritic, traj: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -236,8 +261,13 @@ def actor_critic_losses(ac: ActorCritic, traj: dict[str, torch.Tensor]) -> dict[
                                 0)
         spread = torch.quantile(returns.detach().flatten(), 0.95) - torch.quantile(returns.detach().flatten(), 0.05)
         ac.return_scale.mul_(0.99).add_(0.01 * torch.clamp(spread, min=1.0))
-    actor_loss = -(weights * (returns / ac.return_scale + c.entropy * traj["entropies"])).mean()
     critic = ac.value(feats[:-1].detach())
+    if c.actor_gradient == "reinforce":  # DreamerV3: advantage against the critic, normalised by the same scale
+        advantage = ((returns - critic) / ac.return_scale).detach()
+        objective = advantage * traj["log_probs"]
+    else:
+        objective = returns / ac.return_scale
+    actor_loss = -(weights * (objective + c.entropy * traj["entropies"])).mean()
     critic_loss = (weights * 0.5 * (critic - returns.detach()).pow(2)).mean()
     return {"actor_loss": actor_loss, "critic_loss": critic_loss, "imagined_return": returns[0].mean().detach(),
             "entropy": traj["entropies"].mean().detach()}

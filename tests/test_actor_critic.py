@@ -92,11 +92,13 @@ def small_memories():
     yield RSSM(RSSMConfig(hidden=16, rssm=RSSMOptions(stoch=3, classes=4, units=16)), z_dim=4, action_dim=2)
 
 
+@pytest.mark.parametrize("gradient", ["dynamics", "reinforce"])
 @pytest.mark.parametrize("memory", list(small_memories()), ids=["mdnrnn", "rssm", "rssm_discrete"])
-def test_actor_gradients_reach_the_actor_and_leave_m_untouched(memory):
+def test_actor_gradients_reach_the_actor_and_leave_m_untouched(memory, gradient):
     memory.eval().requires_grad_(False)
     before = {k: v.clone() for k, v in memory.state_dict().items()}
-    ac = ActorCritic(ActorCriticConfig(units=16, horizon=5, entropy=0.0), memory.feature_dim, [-1, -1], [1, 1])
+    ac = ActorCritic(ActorCriticConfig(units=16, horizon=5, entropy=0.0, actor_gradient=gradient),
+                     memory.feature_dim, [-1, -1], [1, 1])
     actor_before = [p.clone() for p in ac.actor.parameters()]
     opts = [torch.optim.Adam(net.parameters(), lr=1e-2) for net in (ac.actor, ac.critic)]
     g = torch.Generator().manual_seed(0)
@@ -105,9 +107,40 @@ def test_actor_gradients_reach_the_actor_and_leave_m_untouched(memory):
     out = imagination_update(memory, ac, *opts, start)
     assert out["skipped"] == 0.0 and np.isfinite(out["actor_loss"])
     # with no entropy bonus the actor's only gradient is the one through M's dynamics into the actions
+    # (dynamics), or the likelihood ratio of the sampled actions (reinforce)
     assert any(not torch.equal(a, b) for a, b in zip(actor_before, ac.actor.parameters()))
     assert all(p.grad is None for p in memory.parameters())
     assert all(torch.equal(before[k], v) for k, v in memory.state_dict().items())
+
+
+def test_the_reinforce_actor_loss_is_the_likelihood_ratio_of_the_advantage():
+    from models.actor_critic import actor_critic_losses, imagine
+
+    torch.manual_seed(0)
+    memory = MDNRNN(MDNRNNConfig(hidden=16, gaussians=3), z_dim=4, action_dim=2).eval().requires_grad_(False)
+    c = ActorCriticConfig(units=16, horizon=4, gamma=0.9, lam=0.8, entropy=0.01, actor_gradient="reinforce")
+    ac = ActorCritic(c, memory.feature_dim, [-1, 0], [1, 1])
+    ac.return_scale.fill_(2.5)
+    g = torch.Generator().manual_seed(1)
+    start = filtered_states(memory, torch.randn(3, 4, 4, generator=g), torch.rand(3, 3, 2, generator=g))
+    traj = imagine(memory, ac, start, c.horizon, torch.Generator().manual_seed(2))
+    # the rollout itself carries no gradient: the actor never sees M's slope, only the values of its samples
+    assert not any(traj[k].requires_grad for k in ("features", "rewards", "continues", "raw_actions"))
+    pi = ac.policy(traj["features"][:-1])
+    torch.testing.assert_close(traj["log_probs"], pi.log_prob(traj["raw_actions"]).sum(-1))
+
+    returns = lambda_returns(traj["rewards"], ac.value(traj["features"], slow=True), traj["continues"], 0.9, 0.8)
+    spread = torch.quantile(returns, 0.95) - torch.quantile(returns, 0.05)
+    scale = 0.99 * 2.5 + 0.01 * max(float(spread), 1.0)
+    weights = torch.cumprod(torch.cat([torch.ones(1, 12), 0.9 * traj["continues"][:-1]]), 0)
+    advantage = (returns - ac.value(traj["features"][:-1])).detach() / scale
+    by_hand = -(weights * (advantage * pi.log_prob(traj["raw_actions"]).sum(-1) + 0.01 * pi.entropy().sum(-1))).mean()
+    losses = actor_critic_losses(ac, traj)
+    torch.testing.assert_close(losses["actor_loss"], by_hand)
+    grads = torch.autograd.grad(losses["actor_loss"], list(ac.actor.parameters()))
+    expected = torch.autograd.grad(by_hand, list(ac.actor.parameters()))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 # ---------------------------------------------------------------- learning test: 2-D point to a goal
@@ -160,7 +193,8 @@ def random_episodes(n: int, seed: int):
     return (torch.tensor(np.array(z)), torch.tensor(np.array(a)), torch.tensor(np.array(r), dtype=torch.float32))
 
 
-def test_actor_critic_trained_only_in_an_rssm_closes_most_of_the_gap():
+@pytest.mark.parametrize("gradient", ["dynamics", "reinforce"])
+def test_actor_critic_trained_only_in_an_rssm_closes_most_of_the_gap(gradient):
     torch.manual_seed(0)
     z, a, r = random_episodes(256, seed=1)
     memory = RSSM(RSSMConfig(hidden=64, rssm=RSSMOptions(stoch=8, units=64, free_nats=0.1)), z_dim=4, action_dim=2)
@@ -175,7 +209,7 @@ def test_actor_critic_trained_only_in_an_rssm_closes_most_of_the_gap():
     memory.eval().requires_grad_(False)
 
     ac = ActorCritic(ActorCriticConfig(units=64, horizon=10, gamma=0.95, entropy=1e-3, actor_lr=3e-4,
-                                       critic_lr=1e-3), memory.feature_dim, [-1, -1], [1, 1])
+                                       critic_lr=1e-3, actor_gradient=gradient), memory.feature_dim, [-1, -1], [1, 1])
     opts = (torch.optim.Adam(ac.actor.parameters(), lr=3e-4), torch.optim.Adam(ac.critic.parameters(), lr=1e-3))
     for step in range(300):  # C only in imagination
         idx = torch.randint(len(z), (16,))
@@ -193,7 +227,7 @@ def test_actor_critic_trained_only_in_an_rssm_closes_most_of_the_gap():
     reference = play(lambda obs, s: (np.clip((obs[2:] - obs[:2]) / 0.2, -1, 1), s), held_out)
     learned = play(agent, held_out, lambda: memory.initial_state(1))
     closed = (learned - random_return) / (reference - random_return)
-    print(f"50 held-out episodes: random {random_return:.2f}, reference {reference:.2f}, actor-critic {learned:.2f} "
+    print(f"{gradient}: 50 held-out episodes: random {random_return:.2f}, reference {reference:.2f}, actor-critic {learned:.2f} "
           f"({closed:.0%} of the gap closed)")
     assert closed > 0.5, f"random {random_return:.2f}, reference {reference:.2f}, learned {learned:.2f}"
 
