@@ -221,7 +221,8 @@ def train_actor_critic(cfg, args, vision_path: str, mdnrnn_path: str, memory, lo
     check_backend(cfg.backend)
     open_stage_dir(cfg, "controller")
     h = cc.actor_critic.horizon
-    print(f"[05] actor-critic in the imagination of M ({cfg.memory.kind}, {memory.feature_dim} features): horizon {h}, "
+    print(f"[05] actor-critic in the imagination of M ({cfg.memory.kind}, {memory.feature_dim} features, tau "
+          f"{cc.temperature:g}): horizon {h}, "
           f"{cc.batch_windows} windows of {cfg.memory.seq_len + 1} start states per update, {cc.updates} updates, "
           f"held-out real re-evaluation every {cc.eval_every}" + (f", from the actor-critic of {initial}" if initial else ""))
     start = time.perf_counter()

@@ -217,8 +217,10 @@ class ActorCritic(nn.Module):
             self.averaged_actor.load_state_dict(self.actor.state_dict())
 
 
-def imagine(memory, ac: ActorCritic, start_state, horizon: int, generator=None) -> dict[str, torch.Tensor]:
-    """Roll the actor H steps inside M from `start_state` (a batch of M states). With actor_gradient dynamics the
+def imagine(memory, ac: ActorCritic, start_state, horizon: int, generator=None, temperature: float = 1.0
+            ) -> dict[str, torch.Tensor]:
+    """Roll the actor H steps inside M from `start_state` (a batch of M states), M sampling at temperature tau
+    (`memory.imagine`). With actor_gradient dynamics the
     graph runs from the actions through M's dynamics; with reinforce the rollout carries no gradient and the
     sampled pre-squash actions are returned for the log-likelihoods. Returns features (H + 1, B, F), rewards,
     continues and entropies (H, B), and for reinforce the sampled pre-squash actions `raw_actions` (H, B, A)
@@ -231,7 +233,7 @@ def imagine(memory, ac: ActorCritic, start_state, horizon: int, generator=None) 
             pi = ac.policy(feats[-1])
             u = pi.rsample()
             action = squash_to_bounds(u, ac.low, ac.high)
-            state = memory.imagine(memory.transition(state, action), 1.0, generator)
+            state = memory.imagine(memory.transition(state, action), temperature, generator)
             reward, done_logit = memory.heads(state)
             feats.append(memory.features(state))
             rewards.append(reward)
@@ -285,11 +287,12 @@ def filtered_states(memory, z: torch.Tensor, a: torch.Tensor):
     return tuple(torch.cat(parts) for parts in zip(*states, strict=True))
 
 
-def imagination_update(memory, ac: ActorCritic, actor_opt, critic_opt, start_state, generator=None) -> dict:
-    """One update of actor and critic from imagined trajectories that start at `start_state` (M frozen: its
-    parameters must not require gradients). Returns the scalars of `actor_critic_losses` as floats, plus
+def imagination_update(memory, ac: ActorCritic, actor_opt, critic_opt, start_state, generator=None,
+                       temperature: float = 1.0) -> dict:
+    """One update of actor and critic from imagined trajectories that start at `start_state`, M sampling at
+    temperature tau (M frozen: its parameters must not require gradients). Returns the scalars of `actor_critic_losses` as floats, plus
     `skipped` (1.0 when a non-finite loss or gradient skipped the update)."""
-    traj = imagine(memory, ac, start_state, ac.config.horizon, generator)
+    traj = imagine(memory, ac, start_state, ac.config.horizon, generator, temperature)
     losses = actor_critic_losses(ac, traj)
     actor_opt.zero_grad(set_to_none=True)
     critic_opt.zero_grad(set_to_none=True)

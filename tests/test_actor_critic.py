@@ -123,7 +123,11 @@ def test_the_reinforce_actor_loss_is_the_likelihood_ratio_of_the_advantage():
     ac.return_scale.fill_(2.5)
     g = torch.Generator().manual_seed(1)
     start = filtered_states(memory, torch.randn(3, 4, 4, generator=g), torch.rand(3, 3, 2, generator=g))
-    traj = imagine(memory, ac, start, c.horizon, torch.Generator().manual_seed(2))
+    taus = []
+    sample = memory.imagine
+    memory.imagine = lambda state, tau, generator: taus.append(tau) or sample(state, tau, generator)
+    traj = imagine(memory, ac, start, c.horizon, torch.Generator().manual_seed(2), temperature=0.7)
+    assert taus == [0.7] * c.horizon  # M samples at the tau of controller.temperature, not a fixed 1.0
     # the rollout itself carries no gradient: the actor never sees M's slope, only the values of its samples
     assert not any(traj[k].requires_grad for k in ("features", "rewards", "continues", "raw_actions"))
     pi = ac.policy(traj["features"][:-1])
@@ -241,7 +245,7 @@ def test_stage_05_trains_the_actor_critic_in_imagination_resumes_and_06_plays_it
     import os
     import shutil
 
-    from conftest import assert_ok, run_script, write_config
+    from conftest import assert_ok, assert_user_error, run_script, write_config
     from utils.checkpoints import load_model
 
     run_dir = tmp_path / "run"
@@ -265,6 +269,13 @@ def test_stage_05_trains_the_actor_critic_in_imagination_resumes_and_06_plays_it
     assert "resuming at update 5/6" in second.stdout
     again = list(csv.DictReader(open(run_dir / "controller" / "history.csv")))
     assert again[:2] == rows and [r["update"] for r in again] == ["2", "4", "6"]
+    # tau is part of what a resume state must match: another tau is refused before anything is written
+    config_tau = write_config(tmp_path, run_dir, controller={**controller, "updates": 8, "temperature": 0.5},
+                              evaluate={"episodes": 2, "max_steps": 30, "workers": 1, "fid_frames": 0})
+    assert_user_error(run_script("05_train_controller", config_tau), "latest.pt", "at tau 1.0", "at tau 0.5")
+    assert list(csv.DictReader(open(run_dir / "controller" / "history.csv"))) == again
+    config = write_config(tmp_path, run_dir, controller=controller, evaluate={"episodes": 2, "max_steps": 30,
+                                                                              "workers": 1, "fid_frames": 0})
     # a resumed run is the run that never stopped: every update is seeded by its index, latest.pt holds the rest
     straight = tmp_path / "straight"
     for stage in ("rollouts", "vision", "latents", "mdnrnn"):

@@ -173,7 +173,8 @@ class ControllerConfig(LinearControllerConfig):
                                "start one update's imagination", minimum=1)
     env: str = param("real", "where C trains: real (the env itself) | dream (inside M; the held-out "
                      "re-evaluations stay real)", choices=("real", "dream"))
-    temperature: float = param(1.0, "tau of M's sampling in the dream (Ha & Schmidhuber section 4.5)", above=0)
+    temperature: float = param(1.0, "tau of M's sampling in the dream (Ha & Schmidhuber section 4.5): CMA-ES's dream "
+                               "episodes and the actor-critic's imagination", above=0)
     dream_starts: str = param("reset", "env dream (CMA-ES): where dream episodes start: reset (M after the first "
                               "frame of a real episode, Ha & Schmidhuber) | anywhere (M after a real window of "
                               "memory.seq_len steps ending anywhere in an episode: pair it with a short max_steps)",

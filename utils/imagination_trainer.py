@@ -100,11 +100,12 @@ class ImaginationTrainer:
         config = ckpt.get("config")
         if isinstance(config, dict):  # a key added since the state was saved counts at its default
             config = {**dataclasses.asdict(ActorCriticConfig()), **config}
-        saved = (ckpt.get("kind"), config, ckpt.get("sizes"))
-        wanted = (self.ac.kind, config_to_dict(self.cfg)["controller"]["actor_critic"], self.ac.sizes())
+        saved = (ckpt.get("kind"), config, ckpt.get("sizes"), ckpt.get("temperature", 1.0))
+        wanted = (self.ac.kind, config_to_dict(self.cfg)["controller"]["actor_critic"], self.ac.sizes(),
+                  self.cfg.controller.temperature)
         if saved != wanted:
-            raise UserError(f"{self.state_path}: saved for {saved[0]} {saved[1]} {saved[2]}, this run has {wanted[0]} "
-                            f"{wanted[1]} {wanted[2]}; pass --overwrite to start over")
+            raise UserError(f"{self.state_path}: saved for {saved[0]} {saved[1]} {saved[2]} at tau {saved[3]}, this run "
+                            f"has {wanted[0]} {wanted[1]} {wanted[2]} at tau {wanted[3]}; pass --overwrite to start over")
         if ckpt.get("input_sha256") != self.input_sha256:
             raise UserError(f"{self.state_path}: saved for other V, M or controller.init_from checkpoints than "
                             f"{', '.join(self.paths.values())}; pass --overwrite to start over")
@@ -120,7 +121,7 @@ class ImaginationTrainer:
         best = state["best"]
         save_model(self.state_path, self.ac, actor_optimizer=self.actor_opt.state_dict(),
                    critic_optimizer=self.critic_opt.state_dict(), update=state["update"], history=state["history"],
-                   elapsed_s=state["elapsed_s"], input_sha256=self.input_sha256,
+                   elapsed_s=state["elapsed_s"], input_sha256=self.input_sha256, temperature=self.cfg.controller.temperature,
                    best=None if best is None else {k: v for k, v in best.items() if k != "params"},
                    best_params=None if best is None else torch.from_numpy(best["params"]))
         write_history(os.path.join(self.out_dir, "history.csv"), state["history"])
@@ -161,7 +162,7 @@ class ImaginationTrainer:
                     generator = torch.Generator().manual_seed(cfg.controller_seed * 1_000_003 + u)
                     torch.manual_seed(cfg.controller_seed * 1_000_003 + u)  # the actor's own sampling (rsample)
                     out = imagination_update(self.memory, self.ac, self.actor_opt, self.critic_opt,
-                                             self._start_states(u), generator)
+                                             self._start_states(u), generator, cc.temperature)
                     for k, v in out.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n += 1
