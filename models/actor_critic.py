@@ -220,12 +220,12 @@ class ActorCritic(nn.Module):
 def imagine(memory, ac: ActorCritic, start_state, horizon: int, generator=None, temperature: float = 1.0
             ) -> dict[str, torch.Tensor]:
     """Roll the actor H steps inside M from `start_state` (a batch of M states), M sampling at temperature tau
-    (`memory.imagine`). With actor_gradient dynamics the
-    graph runs from the actions through M's dynamics; with reinforce the rollout carries no gradient and the
-    sampled pre-squash actions are returned for the log-likelihoods. Returns features (H + 1, B, F), rewards,
-    continues and entropies (H, B), and for reinforce the sampled pre-squash actions `raw_actions` (H, B, A)
-    and `log_probs` (H, B): log pi(u_t | s_t), with gradient to the actor only (the squash's Jacobian does not
-    depend on the actor once u is drawn)."""
+    (`memory.imagine`). With actor_gradient dynamics the graph runs from the actions through M's dynamics; with
+    reinforce the rollout carries no gradient.
+
+    Returns features (H + 1, B, F), rewards, continues and entropies (H, B); for reinforce also the sampled
+    pre-squash actions `raw_actions` (H, B, A) and `log_probs` (H, B): log pi(u_t | s_t), with gradient to the
+    actor only (the squash's Jacobian does not depend on the actor once u is drawn)."""
     reinforce = ac.config.actor_gradient == "reinforce"
     state, feats, rewards, continues, entropies, raw = start_state, [memory.features(start_state)], [], [], [], []
     with torch.set_grad_enabled(torch.is_grad_enabled() and not reinforce):
@@ -290,8 +290,8 @@ def filtered_states(memory, z: torch.Tensor, a: torch.Tensor):
 def imagination_update(memory, ac: ActorCritic, actor_opt, critic_opt, start_state, generator=None,
                        temperature: float = 1.0) -> dict:
     """One update of actor and critic from imagined trajectories that start at `start_state`, M sampling at
-    temperature tau (M frozen: its parameters must not require gradients). Returns the scalars of `actor_critic_losses` as floats, plus
-    `skipped` (1.0 when a non-finite loss or gradient skipped the update)."""
+    temperature tau (M frozen: its parameters must not require gradients). Returns the scalars of
+    `actor_critic_losses` as floats, plus `skipped` (1.0 when a non-finite loss or gradient skipped the update)."""
     traj = imagine(memory, ac, start_state, ac.config.horizon, generator, temperature)
     losses = actor_critic_losses(ac, traj)
     actor_opt.zero_grad(set_to_none=True)
