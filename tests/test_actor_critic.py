@@ -231,8 +231,8 @@ def test_actor_critic_trained_only_in_an_rssm_closes_most_of_the_gap(gradient):
     reference = play(lambda obs, s: (np.clip((obs[2:] - obs[:2]) / 0.2, -1, 1), s), held_out)
     learned = play(agent, held_out, lambda: memory.initial_state(1))
     closed = (learned - random_return) / (reference - random_return)
-    print(f"{gradient}: 50 held-out episodes: random {random_return:.2f}, reference {reference:.2f}, actor-critic {learned:.2f} "
-          f"({closed:.0%} of the gap closed)")
+    print(f"{gradient}: 50 held-out episodes: random {random_return:.2f}, reference {reference:.2f}, "
+          f"actor-critic {learned:.2f} ({closed:.0%} of the gap closed)")
     assert closed > 0.5, f"random {random_return:.2f}, reference {reference:.2f}, learned {learned:.2f}"
 
 

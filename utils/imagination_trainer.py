@@ -104,8 +104,9 @@ class ImaginationTrainer:
         wanted = (self.ac.kind, config_to_dict(self.cfg)["controller"]["actor_critic"], self.ac.sizes(),
                   self.cfg.controller.temperature)
         if saved != wanted:
-            raise UserError(f"{self.state_path}: saved for {saved[0]} {saved[1]} {saved[2]} at tau {saved[3]}, this run "
-                            f"has {wanted[0]} {wanted[1]} {wanted[2]} at tau {wanted[3]}; pass --overwrite to start over")
+            raise UserError(f"{self.state_path}: saved for {saved[0]} {saved[1]} {saved[2]} at tau {saved[3]}, "
+                            f"this run has {wanted[0]} {wanted[1]} {wanted[2]} at tau {wanted[3]}; pass --overwrite "
+                            "to start over")
         if ckpt.get("input_sha256") != self.input_sha256:
             raise UserError(f"{self.state_path}: saved for other V, M or controller.init_from checkpoints than "
                             f"{', '.join(self.paths.values())}; pass --overwrite to start over")
@@ -121,7 +122,8 @@ class ImaginationTrainer:
         best = state["best"]
         save_model(self.state_path, self.ac, actor_optimizer=self.actor_opt.state_dict(),
                    critic_optimizer=self.critic_opt.state_dict(), update=state["update"], history=state["history"],
-                   elapsed_s=state["elapsed_s"], input_sha256=self.input_sha256, temperature=self.cfg.controller.temperature,
+                   elapsed_s=state["elapsed_s"], input_sha256=self.input_sha256,
+                   temperature=self.cfg.controller.temperature,
                    best=None if best is None else {k: v for k, v in best.items() if k != "params"},
                    best_params=None if best is None else torch.from_numpy(best["params"]))
         write_history(os.path.join(self.out_dir, "history.csv"), state["history"])
