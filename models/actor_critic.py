@@ -238,15 +238,17 @@ def imagine(memory, ac: ActorCritic, start_state, horizon: int, generator=None, 
             feats.append(memory.features(state))
             rewards.append(reward)
             continues.append(1 - torch.sigmoid(done_logit))
-            entropies.append(pi.entropy().sum(-1))
+            if not reinforce:  # reinforce takes H[pi] below, where it has a gradient
+                entropies.append(pi.entropy().sum(-1))
             raw.append(u)
-    traj = {"features": torch.stack(feats), "rewards": torch.stack(rewards), "continues": torch.stack(continues),
-            "entropies": torch.stack(entropies)}
+    traj = {"features": torch.stack(feats), "rewards": torch.stack(rewards), "continues": torch.stack(continues)}
     if reinforce:  # the policy again on the (gradient-free) visited features: log pi and H[pi] reach the actor
         pi = ac.policy(traj["features"][:-1])
         traj["raw_actions"] = torch.stack(raw)
         traj["log_probs"] = pi.log_prob(traj["raw_actions"]).sum(-1)
         traj["entropies"] = pi.entropy().sum(-1)
+    else:
+        traj["entropies"] = torch.stack(entropies)
     return traj
 
 
