@@ -11,6 +11,7 @@ from models.actor_critic import (
     imagination_update,
     lambda_returns,
 )
+from models.ensemble import MemoryEnsemble
 from models.mdnrnn import MDNRNN, MDNRNNConfig
 from models.rssm import RSSM, RSSMConfig, RSSMOptions
 
@@ -90,10 +91,12 @@ def small_memories():
     yield MDNRNN(MDNRNNConfig(hidden=16, gaussians=3), z_dim=4, action_dim=2)
     yield RSSM(RSSMConfig(hidden=16, rssm=RSSMOptions(stoch=4, units=16)), z_dim=4, action_dim=2)
     yield RSSM(RSSMConfig(hidden=16, rssm=RSSMOptions(stoch=3, classes=4, units=16)), z_dim=4, action_dim=2)
+    # an ensemble M: each row imagines in member b % 3's world while member 0 gives the actor its features
+    yield MemoryEnsemble([MDNRNN(MDNRNNConfig(hidden=16, gaussians=3), z_dim=4, action_dim=2) for _ in range(3)])
 
 
 @pytest.mark.parametrize("gradient", ["dynamics", "reinforce"])
-@pytest.mark.parametrize("memory", list(small_memories()), ids=["mdnrnn", "rssm", "rssm_discrete"])
+@pytest.mark.parametrize("memory", list(small_memories()), ids=["mdnrnn", "rssm", "rssm_discrete", "ensemble"])
 def test_actor_gradients_reach_the_actor_and_leave_m_untouched(memory, gradient):
     memory.eval().requires_grad_(False)
     before = {k: v.clone() for k, v in memory.state_dict().items()}
